@@ -1,0 +1,27 @@
+# Targets named in README.md. VENV and TORCH can be overridden, e.g. on a CUDA cluster:
+#   make setup TORCH="torch==2.13.0+cu128" PIP_EXTRA="--extra-index-url <your torch index>"
+PYTHON ?= python3
+VENV ?= .venv
+TORCH ?= torch==2.13.0
+PIP_EXTRA ?=
+PY := $(VENV)/bin/python
+
+.PHONY: setup system-deps test test-fast train train-vit tokenizer bench clean
+
+system-deps:  ## Debian packages: default corpus and images (needs root)
+	apt-get update -qq && apt-get install -y -qq python3.11-doc dataset-fashion-mnist
+
+setup:  ## .venv with torch, DeepSpeed and the rest, and moge_ds installed editable
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q $(PIP_EXTRA) "$(TORCH)"
+	$(PY) -m pip install -q $(PIP_EXTRA) -r requirements.txt -e .
+
+test:  ## the whole suite, 2-rank launches included
+	$(PY) -m pytest -q tests
+
+test-fast:  ## unit tests only
+	$(PY) -m pytest -q -m "not slow" tests
+
+clean:
+	rm -rf runs .pytest_cache
