@@ -1,0 +1,101 @@
+"""Checkpoints: DeepSpeed's own files (experts included) plus our state, committed atomically.
+
+DeepSpeed writes ``latest`` from rank 0 before the other ranks have finished their files, so a
+crash mid-save can leave it pointing at an incomplete checkpoint. We therefore save with
+``save_latest=False`` and commit ourselves: after a barrier (every rank's files are on disk),
+rank 0 writes ``moge_state.json`` into the tag directory and then replaces ``latest`` atomically.
+A tag directory without ``moge_state.json`` is incomplete and is never resumed from.
+
+Our state is JSON and the RNG states are plain tensors read with ``weights_only=True``.
+DeepSpeed's own files are pickles: loading a checkpoint from an untrusted source can run code.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+STATE_FILE = "moge_state.json"
+_TAG = re.compile(r"^step(\d+)$")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be used; the message names the file and the problem."""
+
+
+def tag_for(step: int) -> str:
+    return f"step{step:08d}"
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def complete_tags(root: Path) -> list[str]:
+    """Tags under ``root`` whose save finished, oldest first."""
+    if not root.is_dir():
+        return []
+    tags = [p.name for p in root.iterdir() if _TAG.match(p.name) and (p / STATE_FILE).is_file()]
+    return sorted(tags, key=lambda t: int(_TAG.match(t).group(1)))
+
+
+def save(engine, root: Path, step: int, state: dict, keep_last: int = 0) -> Path:
+    """Save the engine and ``state`` (JSON-serialisable) as tag ``step<N>``; collective."""
+    tag = tag_for(step)
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    engine.save_checkpoint(str(root), tag=tag, save_latest=False)
+    torch.save({"torch": torch.get_rng_state()}, root / tag / f"rng_rank{rank:05d}.pt")
+    if dist.is_initialized():
+        dist.barrier()
+    if rank == 0:
+        _write_atomic(root / tag / STATE_FILE, json.dumps(state, indent=1))
+        _write_atomic(root / "latest", tag)
+        if keep_last > 0:
+            for old in complete_tags(root)[:-keep_last]:
+                shutil.rmtree(root / old, ignore_errors=True)
+    if dist.is_initialized():
+        dist.barrier()
+    return root / tag
+
+
+def read_state(checkpoint_dir: Path) -> dict:
+    """Our JSON state of one complete checkpoint directory (``root/step<N>``)."""
+    path = checkpoint_dir / STATE_FILE
+    if not path.is_file():
+        raise CheckpointError(f"{checkpoint_dir} is not a complete moge-ds checkpoint (no {STATE_FILE})")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise CheckpointError(f"{path} is corrupt: {err}") from None
+
+
+def resume(engine, root: Path) -> Optional[dict]:
+    """Load the newest complete checkpoint under ``root`` into ``engine``; None if there is none."""
+    tags = complete_tags(root)
+    if not tags:
+        return None
+    tag = tags[-1]
+    state = read_state(root / tag)
+    try:
+        load_path, _ = engine.load_checkpoint(str(root), tag=tag)
+    except (RuntimeError, KeyError, OSError) as err:
+        raise CheckpointError(f"cannot load {root / tag}: {type(err).__name__}: {err}") from None
+    if load_path is None:
+        raise CheckpointError(f"DeepSpeed found no model states in {root / tag}")
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    rng_file = root / tag / f"rng_rank{rank:05d}.pt"
+    if rng_file.is_file():
+        torch.set_rng_state(torch.load(rng_file, weights_only=True)["torch"])
+    return state

@@ -1,0 +1,278 @@
+"""Typed configuration: our settings (model, MoE/MoGE, data, training) and their checks.
+
+Our settings live in YAML/JSON presets under ``configs/`` and are overridden on the command
+line with ``--set section.field=value``. DeepSpeed's settings stay in the ds_config JSON.
+:func:`validate` checks both together, once, at start-up, against the world size.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional, Union, get_args, get_origin, get_type_hints
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A bad setting; the message names it and what is allowed."""
+
+
+@dataclass
+class MoEConfig:
+    """One place for every MoE/MoGE setting. MoE and MoGE differ only in ``gs_weight`` (0 = MoE)."""
+
+    num_experts: int = 16
+    top_k: int = 2
+    ep_size: int = 1
+    capacity_factor: float = 1.0
+    eval_capacity_factor: float = 1.0
+    min_capacity: int = 4
+    drop_tokens: bool = True
+    noisy_gate_policy: Optional[str] = None
+    use_rts: bool = True
+    top2_2nd_expert_sampling: bool = True  # DeepSpeed's default: Gumbel-sample the 2nd expert (eval too)
+    # Which blocks get an MoE FFN: "every_other" (1, 3, 5, ...), "last_2", "all", or a list of indices.
+    placement: Union[str, list[int]] = "every_other"
+    # Total loss = task + aux_loss_weight * sum over layers of l_aux, where
+    # l_aux = load_balance + gs_weight * group_sparsity. The paper's lambda = aux_loss_weight * gs_weight.
+    aux_loss_weight: float = 0.01
+    gs_weight: float = 0.0
+    map_shape: Optional[list[int]] = None  # default: the most square (r, c)
+    window_size: int = 3
+    stride: int = 1
+    padding: Literal["valid", "circular"] = "valid"
+    reduction: Literal["sum", "mean"] = "mean"
+    sigma_max: float = 10.0
+    sigma_min: float = 1.0
+    sigma_gamma: float = 0.2
+    sigma_steps: Optional[int] = None  # length of the sigma schedule; default: train.steps
+
+
+@dataclass
+class ModelConfig:
+    kind: Literal["gpt", "vit"] = "gpt"
+    dim: int = 128
+    depth: int = 4
+    heads: int = 4
+    mlp_ratio: float = 4.0
+    dropout: float = 0.0
+    # GPT
+    seq_length: int = 128
+    positions: Literal["learned", "rotary"] = "rotary"
+    tie_embeddings: bool = True
+    vocab_size: Optional[int] = None  # taken from the tokenizer when None
+    # ViT
+    image_size: int = 28
+    channels: int = 1
+    patch_size: int = 4
+    num_classes: int = 10
+
+
+@dataclass
+class DataConfig:
+    # Text: megatron-core indexed datasets (prefixes), blended by weights.
+    prefixes: list[str] = field(default_factory=lambda: ["data/pydoc"])
+    weights: Optional[list[float]] = None
+    tokenizer: str = "tokenizers/pydoc8k.model"
+    split: str = "98,1,1"
+    # Images: "fashion_mnist", "folder:<dir>" or "hf:<name>".
+    images: str = "fashion_mnist"
+    valid_images: int = 5000  # held out from the training images for validation
+    augment: bool = True
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 300
+    seed: int = 1234
+    eval_interval: int = 100
+    eval_batches: int = 10  # micro-batches per rank per evaluation
+    save_interval: int = 0  # 0: save only at the end
+    keep_last: int = 0  # keep the newest K checkpoints (0: all)
+    log_interval: int = 10
+    output_dir: str = "runs/default"
+    resume: bool = False
+    # Save and exit after this many steps of this invocation (0: never), e.g. to fit a cluster's
+    # time limit; `--resume` continues. Like Megatron's --exit-interval.
+    exit_after_steps: int = 0
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    moe: MoEConfig = field(default_factory=MoEConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _coerce(value: Any, hint: Any, name: str) -> Any:
+    """Check ``value`` against the type ``hint`` (ints widen to floats); raise ConfigError otherwise."""
+    origin, args = get_origin(hint), get_args(hint)
+    if origin is Union:
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for option in (a for a in args if a is not type(None)):
+            try:
+                return _coerce(value, option, name)
+            except ConfigError as err:
+                errors.append(str(err))
+        raise ConfigError(errors[0])
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{name} must be one of {list(args)}, got {value!r}")
+        return value
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{name} must be a list, got {value!r}")
+        return [_coerce(v, args[0], f"{name}[{i}]") for i, v in enumerate(value)]
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if hint is bool and not isinstance(value, bool) or hint is not bool and isinstance(value, bool):
+        raise ConfigError(f"{name} must be {hint.__name__}, got {value!r}")
+    if not isinstance(value, hint):
+        raise ConfigError(f"{name} must be {hint.__name__}, got {value!r}")
+    return value
+
+
+def _apply(section: Any, values: dict, prefix: str) -> None:
+    hints = get_type_hints(type(section))
+    for key, value in values.items():
+        if key not in hints:
+            raise ConfigError(f"unknown setting {prefix}{key}; {prefix.rstrip('.') or 'the config'} has "
+                              f"{sorted(hints)}")
+        if dataclasses.is_dataclass(getattr(section, key)):
+            if not isinstance(value, dict):
+                raise ConfigError(f"{prefix}{key} must be a mapping, got {value!r}")
+            _apply(getattr(section, key), value, f"{prefix}{key}.")
+        else:
+            setattr(section, key, _coerce(value, hints[key], f"{prefix}{key}"))
+
+
+def load_config(path: Optional[str] = None, overrides: tuple[str, ...] = ()) -> Config:
+    """A preset file (YAML or JSON) plus ``section.field=value`` overrides (values parsed as YAML)."""
+    config = Config()
+    if path is not None:
+        if not Path(path).is_file():
+            raise ConfigError(f"config file {path!r} does not exist (presets are under configs/)")
+        values = yaml.safe_load(Path(path).read_text()) or {}
+        if not isinstance(values, dict):
+            raise ConfigError(f"{path} must hold a mapping of sections, got {type(values).__name__}")
+        _apply(config, values, "")
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or "." not in key:
+            raise ConfigError(f"override {item!r} must look like section.field=value, e.g. moe.gs_weight=0.3")
+        nested: dict = yaml.safe_load(raw) if raw else None
+        for part in reversed(key.split(".")):
+            nested = {part: nested}
+        _apply(config, nested, "")
+    return config
+
+
+def moe_layer_indices(placement: Union[str, list[int]], depth: int) -> list[int]:
+    """The block indices that get an MoE FFN."""
+    if isinstance(placement, list):
+        bad = [i for i in placement if not 0 <= i < depth]
+        if bad:
+            raise ConfigError(f"moe.placement indices {bad} are outside the {depth} blocks (0..{depth - 1})")
+        return sorted(set(placement))
+    rules = {"every_other": list(range(1, depth, 2)), "last_2": list(range(max(depth - 2, 0), depth)),
+             "all": list(range(depth)), "none": []}
+    if placement not in rules:
+        raise ConfigError(f"moe.placement must be {sorted(rules)} or a list of block indices, got {placement!r}")
+    return rules[placement]
+
+
+def load_ds_config(path: str) -> dict:
+    """Read a ds_config JSON file; ``_comment`` keys (our documentation) are dropped."""
+    if not Path(path).is_file():
+        raise ConfigError(f"ds_config {path!r} does not exist (ready-made ones are under ds_configs/)")
+    try:
+        ds = json.loads(Path(path).read_text())
+    except json.JSONDecodeError as err:
+        raise ConfigError(f"ds_config {path} is not valid JSON: {err}") from None
+    return {k: v for k, v in ds.items() if not k.startswith("_")}
+
+
+def _check_ds_keys(ds: dict) -> None:
+    """Unknown top-level keys are silently ignored by DeepSpeed; refuse them instead (a typo loses a setting)."""
+    from deepspeed.runtime import constants
+
+    known = {v for k, v in vars(constants).items() if k.isupper() and isinstance(v, str)}
+    known |= {"zero_optimization", "monitor_config", "tensorboard", "csv_monitor", "wandb", "comet", "flops_profiler",
+              "autotuning", "comms_logger", "compression_training", "data_efficiency", "elasticity",
+              "activation_checkpointing", "aio", "nebula", "checkpoint", "pipeline", "amp", "compile",
+              "weight_quantization", "hybrid_engine", "timers", "eigenvalue", "progressive_layer_drop",
+              "curriculum_learning", "quantize_training", "expert_parallel", "tensor_parallel", "torch_autocast"}
+    unknown = sorted(set(ds) - known)
+    if unknown:
+        raise ConfigError(f"ds_config has unknown keys {unknown}: DeepSpeed would ignore them silently. "
+                          f"Check the spelling against the DeepSpeed config reference")
+
+
+def validate(config: Config, ds: dict, world_size: int, bf16_supported: bool = True,
+             fp16_supported: bool = True) -> dict:
+    """Check our config and the ds_config together; return the ds_config with ``"auto"`` fields filled.
+
+    ``"auto"`` is accepted for ``train_batch_size`` (micro-batch x accumulation x world size), the
+    scheduler's ``total_num_steps`` (``train.steps``) and monitors' ``output_path`` (under the run dir).
+    """
+    moe, model, train = config.moe, config.model, config.train
+    _check_ds_keys(ds)
+    ds = json.loads(json.dumps(ds))
+    micro = ds.get("train_micro_batch_size_per_gpu")
+    accum = ds.get("gradient_accumulation_steps", 1)
+    if not isinstance(micro, int) or micro < 1:
+        raise ConfigError(f"ds_config needs train_micro_batch_size_per_gpu as a positive integer, got {micro!r}")
+    if ds.get("train_batch_size", "auto") == "auto":
+        ds["train_batch_size"] = micro * accum * world_size
+    if ds["train_batch_size"] != micro * accum * world_size:
+        raise ConfigError(f"ds_config train_batch_size {ds['train_batch_size']} != train_micro_batch_size_per_gpu "
+                          f"{micro} x gradient_accumulation_steps {accum} x world size {world_size} "
+                          f"(= {micro * accum * world_size}); fix one of them or set train_batch_size to \"auto\"")
+    if ds.get("bf16", {}).get("enabled") and not bf16_supported:
+        raise ConfigError("ds_config enables bf16 but this accelerator has no bf16 support: "
+                          "use an fp16 or fp32 ds_config (e.g. ds_configs/zero2_fp16.json)")
+    if ds.get("fp16", {}).get("enabled") and not fp16_supported:
+        raise ConfigError("ds_config enables fp16 but this accelerator has no fp16 support: "
+                          "use ds_configs/cpu.json (fp32) or a bf16 config")
+    stage = ds.get("zero_optimization", {}).get("stage", 0)
+    if stage == 3 and moe_layer_indices(moe.placement, model.depth):
+        raise ConfigError("ZeRO stage 3 is not supported with DeepSpeed's native MoE layers (DeepSpeed refuses "
+                          "it at initialize): use ZeRO stage 1 or 2, e.g. ds_configs/zero2_bf16.json")
+    scheduler = ds.get("scheduler", {}).get("params", {})
+    if scheduler.get("total_num_steps") == "auto":
+        scheduler["total_num_steps"] = train.steps
+    for monitor in ("tensorboard", "csv_monitor", "wandb", "comet"):
+        if ds.get(monitor, {}).get("output_path") == "auto":
+            ds[monitor]["output_path"] = str(Path(train.output_dir) / "monitor")
+    if moe.ep_size < 1 or moe.num_experts % moe.ep_size:
+        raise ConfigError(f"moe.num_experts {moe.num_experts} is not divisible by moe.ep_size {moe.ep_size}")
+    if world_size % moe.ep_size:
+        raise ConfigError(f"world size {world_size} is not divisible by moe.ep_size {moe.ep_size}: "
+                          f"launch a multiple of {moe.ep_size} ranks or change moe.ep_size")
+    if not 1 <= moe.top_k <= moe.num_experts:
+        raise ConfigError(f"moe.top_k must be in [1, {moe.num_experts}], got {moe.top_k}")
+    if model.dim % model.heads:
+        raise ConfigError(f"model.dim {model.dim} is not divisible by model.heads {model.heads}")
+    if model.kind == "vit" and model.image_size % model.patch_size:
+        raise ConfigError(f"model.image_size {model.image_size} is not divisible by model.patch_size "
+                          f"{model.patch_size}")
+    if train.steps < 1:
+        raise ConfigError(f"train.steps must be >= 1, got {train.steps}")
+    from moge_ds.topographic import check_map, default_map_shape
+
+    shape = tuple(moe.map_shape) if moe.map_shape else default_map_shape(moe.num_experts)
+    try:
+        check_map(moe.num_experts, shape, moe.window_size, moe.stride, moe.padding)
+    except ValueError as err:
+        raise ConfigError(f"moe: {err}") from None
+    moe_layer_indices(moe.placement, model.depth)
+    return ds

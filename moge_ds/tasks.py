@@ -1,0 +1,165 @@
+"""The two training tasks: what a batch is, what the loss is, how a split is evaluated.
+
+Every batch is addressed by a global micro-batch counter, and all randomness in the data
+(sample order, augmentation) is derived from (seed, counter, rank). A resumed run therefore
+needs only the counter to see exactly the batches the uninterrupted run would have seen.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Protocol
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from moge_ds.config import Config
+from moge_ds.data.images import ImageSet, augment, fashion_mnist, hf_images, image_folder, normalize
+from moge_ds.data.text import build_text_splits, lm_batch
+from moge_ds.data.tokenizer import Tokenizer
+
+
+class Task(Protocol):
+    unit: str  # what throughput counts: "tokens" or "images"
+
+    def train_batch(self, counter: int) -> dict[str, torch.Tensor]:
+        ...
+
+    def loss(self, model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """``(task_loss, l_aux, items)`` for one micro-batch; items = tokens or images in it."""
+        ...
+
+    def evaluate(self, model, split: str, batches: int | None) -> dict[str, float]:
+        """Metrics on ``batches`` micro-batches per rank of ``split`` ("valid"/"test"); None: all of it."""
+        ...
+
+
+def _all_reduce_sum(values: list[float]) -> list[float]:
+    tensor = torch.tensor(values, dtype=torch.float64)
+    if dist.is_initialized():
+        dist.all_reduce(tensor)
+    return tensor.tolist()
+
+
+class LanguageModelling:
+    """Next-token prediction on megatron-core GPT samples; evaluates loss and perplexity."""
+
+    unit = "tokens"
+
+    def __init__(self, config: Config, micro_batch: int, rank: int, world: int, total_micro_batches: int,
+                 device: torch.device):
+        self.tokenizer = Tokenizer(config.data.tokenizer)
+        self.micro, self.rank, self.world, self.device = micro_batch, rank, world, device
+        eval_samples = config.train.eval_batches * micro_batch * world
+        self.splits = build_text_splits(config.data.prefixes, config.data.weights, self.tokenizer,
+                                        config.model.seq_length,
+                                        (total_micro_batches * micro_batch * world, eval_samples, eval_samples),
+                                        config.data.split, config.train.seed)
+
+    @property
+    def vocab_size(self) -> int:
+        return self.tokenizer.vocab_size
+
+    def _batch(self, dataset, start: int) -> dict[str, torch.Tensor]:
+        return {k: v.to(self.device) for k, v in lm_batch(dataset, start, self.micro).items()}
+
+    def train_batch(self, counter: int) -> dict[str, torch.Tensor]:
+        return self._batch(self.splits.train, (counter * self.world + self.rank) * self.micro)
+
+    def loss(self, model, batch):
+        logits, l_aux = model(batch["tokens"])
+        mask = batch["loss_mask"].float()
+        nll = F.cross_entropy(logits.float().flatten(0, 1), batch["labels"].flatten(), reduction="none")
+        return (nll * mask.flatten()).sum() / mask.sum().clamp(min=1), l_aux, batch["tokens"].numel()
+
+    @torch.no_grad()
+    def evaluate(self, model, split: str, batches: int | None) -> dict[str, float]:
+        dataset = self.splits.valid if split == "valid" else self.splits.test
+        batches = batches or len(dataset) // (self.micro * self.world)
+        total_nll = total_tokens = 0.0
+        for b in range(batches):
+            batch = self._batch(dataset, (b * self.world + self.rank) * self.micro)
+            logits, _ = model(batch["tokens"])
+            nll = F.cross_entropy(logits.float().flatten(0, 1), batch["labels"].flatten(), reduction="none")
+            mask = batch["loss_mask"].flatten().float()
+            total_nll += (nll * mask).sum().item()
+            total_tokens += mask.sum().item()
+        total_nll, total_tokens = _all_reduce_sum([total_nll, total_tokens])
+        loss = total_nll / max(total_tokens, 1)
+        return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "tokens": total_tokens}
+
+
+def load_images(spec: str, split: str) -> ImageSet:
+    """``fashion_mnist``, ``folder:<dir>`` (``<dir>/<split>/<class>/...``) or ``hf:<name>``."""
+    if spec == "fashion_mnist":
+        return fashion_mnist(split)
+    if spec.startswith("folder:"):
+        return image_folder(f"{spec[7:]}/{split}")
+    if spec.startswith("hf:"):
+        return hf_images(spec[3:], split)
+    raise ValueError(f"data.images must be 'fashion_mnist', 'folder:<dir>' or 'hf:<name>', got {spec!r}")
+
+
+class ImageClassification:
+    """Cross-entropy on in-memory images; evaluates loss and top-1 accuracy."""
+
+    unit = "images"
+
+    def __init__(self, config: Config, micro_batch: int, rank: int, world: int, device: torch.device):
+        train = load_images(config.data.images, "train")
+        test = load_images(config.data.images, "test")
+        held_out = config.data.valid_images
+        if not 0 < held_out < len(train.labels):
+            raise ValueError(f"data.valid_images must be in (0, {len(train.labels)}), got {held_out}")
+        # A fixed split: the same validation images for every seed, so runs compare on equal terms.
+        order = torch.randperm(len(train.labels), generator=torch.Generator().manual_seed(0))
+        self.train_images, self.train_labels = train.images[order[held_out:]], train.labels[order[held_out:]]
+        self.eval_sets = {"valid": (train.images[order[:held_out]], train.labels[order[:held_out]]),
+                          "test": (test.images, test.labels)}
+        self.classes = train.classes
+        self.micro, self.rank, self.world, self.device = micro_batch, rank, world, device
+        self.seed, self.augment = config.train.seed, config.data.augment
+
+    def train_batch(self, counter: int) -> dict[str, torch.Tensor]:
+        n = len(self.train_labels)
+        global_batch = self.micro * self.world
+        start = counter * global_batch + self.rank * self.micro
+        epoch, offset = divmod(start, n)
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed * 100003 + epoch))
+        index = order[(offset + torch.arange(self.micro)) % n]
+        images = self.train_images[index]
+        if self.augment:
+            images = augment(images, torch.Generator().manual_seed(self.seed * 7919 + start))
+        return {"images": normalize(images).to(self.device), "labels": self.train_labels[index].to(self.device)}
+
+    def loss(self, model, batch):
+        logits, l_aux = model(batch["images"])
+        return F.cross_entropy(logits.float(), batch["labels"]), l_aux, batch["labels"].numel()
+
+    @torch.no_grad()
+    def evaluate(self, model, split: str, batches: int | None) -> dict[str, float]:
+        """Over the whole split (``batches`` is ignored: image splits are small), sharded across ranks."""
+        images, labels = self.eval_sets[split]
+        # Every rank runs the same number of forward passes (MoE all-to-alls must pair up).
+        per_rank = math.ceil(len(labels) / self.world)
+        nll = correct = count = 0.0
+        for start in range(0, per_rank, self.micro):
+            index = torch.arange(start, min(start + self.micro, per_rank)) + self.rank * per_rank
+            valid = index < len(labels)
+            index = index.clamp(max=len(labels) - 1)
+            logits, _ = model(normalize(images[index]).to(self.device))
+            target = labels[index].to(self.device)
+            valid = valid.to(self.device)
+            nll += (F.cross_entropy(logits.float(), target, reduction="none") * valid).sum().item()
+            correct += ((logits.argmax(-1) == target) & valid).sum().item()
+            count += valid.sum().item()
+        nll, correct, count = _all_reduce_sum([nll, correct, count])
+        return {"loss": nll / count, "accuracy": correct / count, "images": count}
+
+
+def build_task(config: Config, micro_batch: int, rank: int, world: int, total_micro_batches: int,
+               device: torch.device) -> Task:
+    if config.model.kind == "gpt":
+        return LanguageModelling(config, micro_batch, rank, world, total_micro_batches, device)
+    return ImageClassification(config, micro_batch, rank, world, device)

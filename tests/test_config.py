@@ -1,0 +1,94 @@
+"""Our config, the ds_configs we ship, and the checks that tie them together."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from moge_ds.config import ConfigError, load_config, load_ds_config, moe_layer_indices, validate
+from tests.launching import REPO
+
+DS_CONFIGS = sorted((REPO / "ds_configs").glob("*.json"))
+PRESETS = sorted((REPO / "configs").glob("*.yaml"))
+
+
+def cpu_ds(**changes):
+    ds = load_ds_config(str(REPO / "ds_configs/cpu.json"))
+    ds.update(changes)
+    return ds
+
+
+@pytest.mark.parametrize("path", DS_CONFIGS, ids=lambda p: p.name)
+def test_ds_configs_parse_with_deepspeed(path, tmp_path):
+    from deepspeed.runtime.config import DeepSpeedConfig
+
+    assert "_comment" in json.loads(path.read_text()), "every shipped ds_config says what it is for"
+    # One process: DeepSpeedConfig reads the world size from torch.distributed (1 when not launched).
+    config = load_config(str(REPO / "configs/gpt_tiny.yaml"), ("moe.ep_size=1", ))
+    ds = validate(config, load_ds_config(str(path)), world_size=1)
+    parsed = DeepSpeedConfig(ds)
+    assert parsed.train_batch_size == ds["train_micro_batch_size_per_gpu"]
+    assert parsed.zero_optimization_stage in (1, 2)
+
+
+@pytest.mark.parametrize("path", PRESETS, ids=lambda p: p.name)
+def test_presets_load_and_validate(path):
+    config = load_config(str(path))
+    validate(config, cpu_ds(), world_size=2)
+    assert config.moe.gs_weight > 0, "presets are MoGE; MoE is the gs_weight=0 override"
+
+
+def test_overrides_and_types():
+    config = load_config(None, ("moe.gs_weight=3", "moe.placement=[0, 2]", "model.kind=vit", "moe.map_shape=[2,8]"))
+    assert config.moe.gs_weight == 3.0 and isinstance(config.moe.gs_weight, float)
+    assert config.moe.placement == [0, 2] and config.moe.map_shape == [2, 8]
+    assert moe_layer_indices("every_other", 6) == [1, 3, 5]
+    assert moe_layer_indices("last_2", 8) == [6, 7]
+
+
+@pytest.mark.parametrize("override, message", [
+    ("moe.gs_wieght=1", r"unknown setting moe.gs_wieght; moe has \[.*'gs_weight'"),
+    ("model.kind=rnn", r"model.kind must be one of \['gpt', 'vit'\], got 'rnn'"),
+    ("moe.num_experts=many", r"moe.num_experts must be int, got 'many'"),
+    ("moe.top_k", r"override 'moe.top_k' must look like section.field=value"),
+    ("train.resume=1", r"train.resume must be bool, got 1"),
+])
+def test_bad_overrides(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, (override, ))
+
+
+@pytest.mark.parametrize("overrides, ds_changes, world, message", [
+    ((), dict(train_batch_size=64), 2, r"train_batch_size 64 != train_micro_batch_size_per_gpu 8 x "
+     r"gradient_accumulation_steps 1 x world size 2 \(= 16\)"),
+    ((), dict(zero_optimization={"stage": 3}), 2, "ZeRO stage 3 is not supported with DeepSpeed's native MoE"),
+    (("moe.num_experts=12", "moe.ep_size=8"), {}, 8, "moe.num_experts 12 is not divisible by moe.ep_size 8"),
+    (("moe.ep_size=2", ), {}, 3, "world size 3 is not divisible by moe.ep_size 2"),
+    (("moe.map_shape=[3,5]", ), {}, 2, r"map_shape \(3, 5\) does not fit 16 experts"),
+    (("moe.placement=[7]", ), {}, 2, r"moe.placement indices \[7\] are outside the 4 blocks"),
+    ((), dict(optimiser={"type": "Adam"}), 2, r"ds_config has unknown keys \['optimiser'\]"),
+])
+def test_validation_errors(overrides, ds_changes, world, message):
+    with pytest.raises(ConfigError, match=message):
+        validate(load_config(str(REPO / "configs/gpt_tiny.yaml"), overrides), cpu_ds(**ds_changes), world)
+
+
+def test_bf16_refused_without_support():
+    with pytest.raises(ConfigError, match="enables bf16 but this accelerator has no bf16 support"):
+        validate(load_config(None), load_ds_config(str(REPO / "ds_configs/zero2_bf16.json")), 1,
+                 bf16_supported=False)
+
+
+def test_auto_fields_filled():
+    config = load_config(None, ("train.steps=123", "train.output_dir=/x/run"))
+    ds = validate(config, cpu_ds(gradient_accumulation_steps=2), world_size=4)
+    assert ds["train_batch_size"] == 8 * 2 * 4
+    assert ds["scheduler"]["params"]["total_num_steps"] == 123
+    assert ds["csv_monitor"]["output_path"] == str(Path("/x/run/monitor"))
+
+
+def test_missing_files():
+    with pytest.raises(ConfigError, match="config file 'nope.yaml' does not exist"):
+        load_config("nope.yaml")
+    with pytest.raises(ConfigError, match="ds_config 'nope.json' does not exist"):
+        load_ds_config("nope.json")

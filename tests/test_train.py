@@ -1,0 +1,99 @@
+"""End-to-end training through the deepspeed launcher: 2 CPU ranks, expert-parallel size 2."""
+
+import json
+
+import numpy as np
+import pytest
+
+from moge_ds.data.documents import SourceSpec
+from moge_ds.data.preprocess import preprocess
+from moge_ds.data.tokenizer import train_tokenizer
+from tests.launching import REPO, launch_deepspeed
+from tests.test_data import make_corpus
+
+pytestmark = pytest.mark.slow
+
+TINY = ["model.dim=32", "model.depth=2", "model.heads=2", "moe.num_experts=4", "moe.map_shape=[2,2]",
+        "moe.padding=circular", "moe.ep_size=2", "train.log_interval=1", "train.eval_interval=4",
+        "train.eval_batches=2"]
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    root = tmp_path_factory.mktemp("train")
+    corpus = root / "corpus"
+    corpus.mkdir()
+    make_corpus(corpus, docs=200)
+    spec = SourceSpec((str(corpus / "*.txt"), ))
+    tok = train_tokenizer(spec, str(root / "tok"), vocab_size=300, input_sentence_size=0)
+    preprocess(spec, str(tok.path), str(root / "text"), progress=False)
+    ds = json.loads((REPO / "ds_configs/cpu.json").read_text())
+    ds["train_micro_batch_size_per_gpu"] = 4
+    ds["scheduler"]["params"]["warmup_num_steps"] = 2
+    (root / "ds.json").write_text(json.dumps(ds))
+    make_image_folder(root / "images")
+    return root
+
+
+def make_image_folder(root, per_class=24):
+    """Two classes of 28x28 greyscale PNGs: bright blob top-left vs bottom-right."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for split in ("train", "test"):
+        for label, corner in enumerate(("tl", "br")):
+            folder = root / split / corner
+            folder.mkdir(parents=True)
+            for i in range(per_class):
+                image = rng.integers(0, 60, (28, 28), dtype=np.uint8)
+                sl = slice(2, 12) if corner == "tl" else slice(16, 26)
+                image[sl, sl] = 220
+                Image.fromarray(image).save(folder / f"{i}.png")
+
+
+def train(workspace, out_name, *overrides, preset="gpt_tiny.yaml", resume=False):
+    out = workspace / out_name
+    data = [f"data.prefixes=[{workspace / 'text'}]", f"data.tokenizer={workspace / 'tok.model'}",
+            "model.seq_length=32", "data.split=80,10,10", f"data.images=folder:{workspace / 'images'}",
+            "data.valid_images=8"]
+    args = ["--module", "moge_ds.train", "--config", str(REPO / "configs" / preset), "--deepspeed_config",
+            str(workspace / "ds.json"), "--set", *TINY, *data, f"train.output_dir={out}", *overrides]
+    launch_deepspeed(args + (["--resume"] if resume else []), cwd=workspace)
+    history = [json.loads(l) for l in (out / "history.jsonl").read_text().splitlines()]
+    return out, [r for r in history if "split" not in r]
+
+
+def test_gpt_moge_trains_and_resumes_exactly(workspace):
+    out, full = train(workspace, "full", "train.steps=8")
+    assert len(full) == 8 and all(np.isfinite(r["loss"]) for r in full)
+    assert np.mean([r["task_loss"] for r in full[-3:]]) < np.mean([r["task_loss"] for r in full[:3]])
+    assert all(r["group_sparsity_loss"] > 0 for r in full)
+    assert full[0]["sigma"] > full[-1]["sigma"]
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["test"]["perplexity"] > 1 and (out / "loss_curve.png").stat().st_size > 1000
+    assert (out / "checkpoints" / "latest").read_text() == "step00000008"
+
+    train(workspace, "resumed", "train.steps=8", "train.exit_after_steps=4")
+    _, resumed = train(workspace, "resumed", "train.steps=8", resume=True)
+    assert [r["step"] for r in resumed] == list(range(1, 9))
+    for a, b in zip(full[4:], resumed[4:]):
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-5), (a, b)
+        assert b["sigma"] == pytest.approx(a["sigma"])
+
+
+def test_gpt_moe_baseline(workspace):
+    _, history = train(workspace, "moe", "train.steps=4", "moe.gs_weight=0")
+    assert all(np.isfinite(r["loss"]) and "group_sparsity_loss" not in r for r in history)
+
+
+@pytest.mark.parametrize("gs_weight", [0.0, 1.0])
+def test_vit_trains(workspace, gs_weight):
+    out, history = train(workspace, f"vit{gs_weight}", "train.steps=6", f"moe.gs_weight={gs_weight}",
+                         preset="vit_fmnist.yaml")
+    assert len(history) == 6 and all(np.isfinite(r["loss"]) for r in history)
+    assert 0.0 <= json.loads((out / "metrics.json").read_text())["test"]["accuracy"] <= 1.0
+
+
+def test_config_error_is_reported_before_training(workspace):
+    with pytest.raises(AssertionError, match="world size 2 is not divisible by moe.ep_size 4"):
+        train(workspace, "bad", "train.steps=2", "moe.ep_size=4")
