@@ -99,3 +99,52 @@ def resume(engine, root: Path) -> Optional[dict]:
     if rng_file.is_file():
         torch.set_rng_state(torch.load(rng_file, weights_only=True)["torch"])
     return state
+
+
+_EXPERT_FILE = re.compile(r"^layer_(\d+)_expert_(\d+)_mp_rank_00_model_states\.pt$")
+
+
+def checkpoint_dir(path: Path) -> Path:
+    """A tag directory: ``path`` itself, or the newest complete one under a checkpoints root."""
+    if not path.exists():
+        raise CheckpointError(f"checkpoint path {path} does not exist")
+    if (path / STATE_FILE).is_file():
+        return path
+    tags = complete_tags(path)
+    if not tags:
+        raise CheckpointError(f"{path} holds no complete moge-ds checkpoint (no step<N>/{STATE_FILE})")
+    return path / tags[-1]
+
+
+def consolidated_state_dict(tag_dir: Path) -> dict[str, torch.Tensor]:
+    """The whole model's weights from one checkpoint, experts under their *global* index.
+
+    DeepSpeed stores non-expert weights in ``mp_rank_00_model_states.pt`` and each expert in its
+    own ``layer_<L>_expert_<global>_...`` file (keys already name the global index), whatever the
+    expert-parallel size, so the result loads into a model built with ``ep_size=1``.
+    """
+    main_file = tag_dir / "mp_rank_00_model_states.pt"
+    if not main_file.is_file():
+        raise CheckpointError(f"{main_file} is missing: not a DeepSpeed checkpoint directory")
+    try:
+        weights = dict(torch.load(main_file, map_location="cpu", weights_only=True)["module"])
+        for file in sorted(tag_dir.iterdir()):
+            if _EXPERT_FILE.match(file.name):
+                weights.update(torch.load(file, map_location="cpu", weights_only=True))
+    except (RuntimeError, EOFError, KeyError) as err:
+        raise CheckpointError(f"cannot read {tag_dir}: {type(err).__name__}: {err} (truncated or not a "
+                              f"checkpoint?)") from None
+    return {k: v.float() if v.is_floating_point() else v for k, v in weights.items()}
+
+
+def load_weights(model: torch.nn.Module, weights: dict[str, torch.Tensor], source: str) -> None:
+    """``load_state_dict`` with a clear error naming ``source`` and the mismatch."""
+    own = model.state_dict()
+    missing = sorted(set(own) - set(weights))
+    unexpected = sorted(set(weights) - set(own))
+    shapes = [f"{k}: checkpoint {tuple(weights[k].shape)} vs model {tuple(own[k].shape)}"
+              for k in own if k in weights and weights[k].shape != own[k].shape]
+    if missing or unexpected or shapes:
+        raise CheckpointError(f"{source} does not match this model: {len(missing)} missing (e.g. {missing[:3]}), "
+                              f"{len(unexpected)} unexpected (e.g. {unexpected[:3]}), shape mismatches {shapes[:3]}")
+    model.load_state_dict(weights)

@@ -98,6 +98,8 @@ class TrainConfig:
     # Save and exit after this many steps of this invocation (0: never), e.g. to fit a cluster's
     # time limit; `--resume` continues. Like Megatron's --exit-interval.
     exit_after_steps: int = 0
+    # A collective that waits longer than this fails the run (e.g. a node died) instead of hanging.
+    dist_timeout_s: int = 600
 
 
 @dataclass
@@ -155,6 +157,13 @@ def _apply(section: Any, values: dict, prefix: str) -> None:
             setattr(section, key, _coerce(value, hints[key], f"{prefix}{key}"))
 
 
+def config_from_dict(values: dict) -> Config:
+    """A Config from nested ``{section: {field: value}}`` (e.g. a saved ``config.to_dict()``), checked."""
+    config = Config()
+    _apply(config, values, "")
+    return config
+
+
 def load_config(path: Optional[str] = None, overrides: tuple[str, ...] = ()) -> Config:
     """A preset file (YAML or JSON) plus ``section.field=value`` overrides (values parsed as YAML)."""
     config = Config()
@@ -165,6 +174,11 @@ def load_config(path: Optional[str] = None, overrides: tuple[str, ...] = ()) -> 
         if not isinstance(values, dict):
             raise ConfigError(f"{path} must hold a mapping of sections, got {type(values).__name__}")
         _apply(config, values, "")
+    return apply_overrides(config, overrides)
+
+
+def apply_overrides(config: Config, overrides: tuple[str, ...]) -> Config:
+    """Apply ``section.field=value`` items (values parsed as YAML) to ``config`` in place; returns it."""
     for item in overrides:
         key, sep, raw = item.partition("=")
         if not sep or "." not in key:
@@ -276,3 +290,24 @@ def validate(config: Config, ds: dict, world_size: int, bf16_supported: bool = T
         raise ConfigError(f"moe: {err}") from None
     moe_layer_indices(moe.placement, model.depth)
     return ds
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    """``python -m moge_ds.config --config F [--set ...] --get moe.ep_size``: print one setting (for scripts)."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m moge_ds.config", description=main.__doc__)
+    parser.add_argument("--config")
+    parser.add_argument("--set", nargs="*", default=[])
+    parser.add_argument("--get", required=True, help="section.field")
+    args, _ = parser.parse_known_args(argv)
+    try:
+        config = load_config(args.config, tuple(args.set))
+        section, _, name = args.get.partition(".")
+        print(getattr(getattr(config, section), name))
+    except (ConfigError, AttributeError) as err:
+        parser.exit(2, f"error: {err}\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -15,6 +15,7 @@ import logging
 import os
 import sys
 import time
+from datetime import timedelta
 from pathlib import Path
 
 import deepspeed
@@ -45,22 +46,35 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def exit_with_error(rank: int, kind: str, err: Exception) -> None:
+    """Bad input found before training: one message (from rank 0), exit status 2, nothing written."""
+    if rank == 0:
+        print(f"moge_ds.train: {kind} error: {err}", file=sys.stderr)
+    sys.exit(2)
+
+
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    deepspeed.init_distributed(dist_backend=get_accelerator().communication_backend_name())
-    rank, world = dist.get_rank(), dist.get_world_size()
     accelerator = get_accelerator()
+    # Before torch.distributed is up, the launcher's RANK says who reports errors (mpirun: all do).
+    rank = int(os.environ.get("RANK", 0))
     try:
         config = load_config(args.config, tuple(args.set))
         if args.resume:
             config.train.resume = True
+    except ConfigError as err:
+        exit_with_error(rank, "config", err)
+    # mpirun starts ranks without RANK/MASTER_ADDR: DeepSpeed then discovers them through mpi4py.
+    deepspeed.init_distributed(dist_backend=accelerator.communication_backend_name(),
+                               distributed_port=int(os.environ.get("MASTER_PORT", 29500)),
+                               timeout=timedelta(seconds=config.train.dist_timeout_s))
+    rank, world = dist.get_rank(), dist.get_world_size()
+    try:
         ds_config = validate(config, load_ds_config(args.deepspeed_config), world,
                              accelerator.is_bf16_supported(), bool(accelerator.is_fp16_supported()))
     except ConfigError as err:
-        if rank == 0:
-            print(f"moge_ds.train: config error: {err}", file=sys.stderr)
-        sys.exit(2)
+        exit_with_error(rank, "config", err)
     train, moe = config.train, config.moe
     out = Path(train.output_dir)
     if rank == 0:
@@ -73,9 +87,7 @@ def main(argv: list[str] | None = None) -> dict:
     try:
         task = build_task(config, micro, rank, world, train.steps * accum, device)
     except (DataError, ValueError) as err:
-        if rank == 0:
-            print(f"moge_ds.train: data error: {err}", file=sys.stderr)
-        sys.exit(2)
+        exit_with_error(rank, "data", err)
     model = build_model(config, getattr(task, "vocab_size", None), ep_rank=rank % moe.ep_size)
     param_groups = split_params_into_different_moe_groups_for_optimizer(
         {"params": [p for p in model.parameters() if p.requires_grad], "name": "parameters"})
@@ -160,7 +172,12 @@ def main(argv: list[str] | None = None) -> dict:
     return metrics
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """``python -m moge_ds.train``: train, then shut the process group down cleanly (gloo aborts otherwise)."""
     main()
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    cli()

@@ -1,0 +1,1 @@
+"""Expert analysis of a trained model: load, topographic maps, diversity, specialisation, invariance."""

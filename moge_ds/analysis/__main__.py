@@ -1,0 +1,3 @@
+from moge_ds.analysis.report import main
+
+main()
