@@ -1,0 +1,1 @@
+"""Data pipelines: raw text -> sentencepiece -> megatron-core indexed datasets; images."""

@@ -1,0 +1,97 @@
+"""Fixed-length LM samples through megatron-core's GPTDataset and BlendedMegatronDatasetBuilder.
+
+megatron-core does the document shuffling, packing, train/valid/test split and weighted
+blending (deterministic given the seed, cached as .npy indices). This module checks the
+inputs, builds the three splits, and serves micro-batches from any sample index so that a
+resumed run continues with exactly the batch it would have seen.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import tempfile
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
+from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
+from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+from moge_ds.data.documents import DataError
+from moge_ds.data.tokenizer import Tokenizer
+
+
+def check_indexed_dataset(prefix: str) -> IndexedDataset:
+    """Open ``prefix``.{bin,idx}, failing clearly if either is missing or they disagree."""
+    for suffix in (".bin", ".idx"):
+        if not Path(prefix + suffix).is_file():
+            raise DataError(f"{prefix}{suffix} does not exist: create it with `python -m moge_ds.data.preprocess "
+                            f"--output-prefix {prefix}` (or `make data`)")
+    try:
+        dataset = IndexedDataset(prefix)
+    except Exception as err:  # megatron raises bare assertions on corrupt index headers
+        raise DataError(f"{prefix}.idx is not a megatron-core index ({type(err).__name__}: {err})") from None
+    expected = int(dataset.index.sequence_lengths.sum(dtype=np.int64)) * dataset.index.dtype_size
+    actual = os.path.getsize(prefix + ".bin")
+    if actual != expected:
+        raise DataError(f"{prefix}.bin has {actual} bytes but {prefix}.idx describes {expected}: the pair does not "
+                        f"match (truncated or from another run); re-run preprocessing")
+    return dataset
+
+
+@dataclass(frozen=True)
+class TextSplits:
+    train: GPTDataset
+    valid: GPTDataset | None
+    test: GPTDataset | None
+
+
+def build_text_splits(prefixes: list[str],
+                      weights: list[float] | None,
+                      tokenizer: Tokenizer,
+                      seq_length: int,
+                      num_samples: tuple[int, int, int],
+                      split: str = "98,1,1",
+                      seed: int = 1234,
+                      cache_dir: str | None = None) -> TextSplits:
+    """Train/valid/test GPTDatasets over a weighted blend of indexed datasets.
+
+    Args:
+        prefixes: indexed-dataset prefixes; ``weights`` (same length) blend them, None = one each.
+        num_samples: samples wanted from each split (megatron repeats epochs to reach them).
+    """
+    if weights is not None and len(weights) != len(prefixes):
+        raise DataError(f"{len(weights)} blend weights for {len(prefixes)} datasets: give one weight per prefix")
+    if weights is not None and (any(w <= 0 for w in weights)):
+        raise DataError(f"blend weights must be > 0, got {weights}")
+    total_tokens = 0
+    for prefix in prefixes:
+        dataset = check_indexed_dataset(prefix)
+        total_tokens += int(dataset.index.sequence_lengths.sum(dtype=np.int64))
+    split_parts = [float(p) for p in split.split(",")]
+    smallest = min(p for p in split_parts if p > 0) / sum(split_parts)
+    if (seq_length + 1) > total_tokens * smallest:
+        raise DataError(f"seq_length {seq_length} is longer than the smallest split holds "
+                        f"(~{int(total_tokens * smallest)} of {total_tokens} tokens with split {split}): "
+                        f"use a shorter sequence, more data, or another split")
+    if not dist.is_initialized():
+        # megatron-core's blending asks torch.distributed for the rank; a lone process is rank 0 of 1.
+        store = dist.FileStore(tempfile.mktemp(prefix="moge_ds_store_"), 1)
+        dist.init_process_group("gloo", store=store, rank=0, world_size=1)
+    blend = (list(prefixes), list(weights) if weights is not None else None)
+    config = GPTDatasetConfig(random_seed=seed, sequence_length=seq_length, blend=blend, split=split,
+                              tokenizer=tokenizer, reset_position_ids=False, reset_attention_mask=False,
+                              eod_mask_loss=False, create_attention_mask=False,
+                              path_to_cache=cache_dir or str(Path(prefixes[0]).parent / "index-cache"))
+    train, valid, test = BlendedMegatronDatasetBuilder(GPTDataset, list(num_samples), lambda: True, config).build()
+    return TextSplits(train, valid, test)
+
+
+def lm_batch(dataset, start: int, batch_size: int) -> dict[str, torch.Tensor]:
+    """Samples ``start .. start + batch_size - 1`` (wrapping) stacked: tokens/labels/loss_mask ``[B, S]``."""
+    samples = [dataset[(start + i) % len(dataset)] for i in range(batch_size)]
+    return {key: torch.stack([s[key] for s in samples]) for key in ("tokens", "labels", "loss_mask")}
