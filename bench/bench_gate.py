@@ -9,7 +9,8 @@
    FFN 4x hidden) fwd+bwd at the same T.
 3. How the gate overhead grows with E at fixed hidden size, and with hidden size at fixed E.
 
-Timings: median of repeated runs after warm-up; CUDA events on a GPU, ``perf_counter`` on CPU.
+Timings: medians over calls that alternate between the variants after warm-up; CUDA events on a
+GPU, ``perf_counter`` on CPU.
 Writes ``<out>/gate.json`` and ``<out>/gate.md``.
 """
 
@@ -36,33 +37,31 @@ from moge_ds.topographic import default_map_shape, gaussian_kernel, pooled_group
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def timed(fn, reps: int, warmup: int = 2) -> float:
-    """Median seconds of ``fn()``."""
-    for _ in range(warmup):
+def seconds(fn) -> float:
+    """Wall time of one call of ``fn``: CUDA events on a GPU, ``perf_counter`` on CPU."""
+    if DEVICE.type == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
         fn()
-    times = []
+        end.record()
+        torch.cuda.synchronize()
+        return start.elapsed_time(end) / 1000
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def interleaved(fns: dict[str, callable], reps: int, warmup: int = 2) -> dict[str, float]:
+    """Median seconds of each function, calls alternating A, B, C, A, B, C, ... after warm-up,
+    so that a slow patch of the machine hits every function alike."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    samples: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(reps):
-        if DEVICE.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            torch.cuda.synchronize()
-            times.append(start.elapsed_time(end) / 1000)
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t0)
-    return statistics.median(times)
-
-
-def interleaved(fns: dict[str, callable], reps: int, rounds: int = 3) -> dict[str, float]:
-    """Median over ``rounds`` alternating blocks of each function's median time."""
-    results: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(rounds):
         for name, fn in fns.items():
-            results[name].append(timed(fn, reps))
-    return {name: statistics.median(v) for name, v in results.items()}
+            samples[name].append(seconds(fn))
+    return {name: statistics.median(v) for name, v in samples.items()}
 
 
 def gate_step(gate, x):
@@ -142,7 +141,7 @@ def bench_layer(experts: list[int], t: int, k: int, hidden: int, reps: int) -> l
             logits.grad = None
             naive_regulariser(logits, map_shape, 1.0).backward()
 
-        times = interleaved({"layer": layer_step, "regulariser": ours, "naive_regulariser": naive}, reps, rounds=2)
+        times = interleaved({"layer": layer_step, "regulariser": ours, "naive_regulariser": naive}, reps, warmup=1)
         row = {"E": num_experts, "T": t, "k": k, "hidden": hidden, **times,
                "regulariser_share": times["regulariser"] / times["layer"],
                "naive_share": times["naive_regulariser"] / times["layer"]}
@@ -182,7 +181,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="a small grid, for a smoke run")
     parser.add_argument("--out", type=Path, default=Path("bench/results"))
-    parser.add_argument("--reps", type=int, default=7)
+    parser.add_argument("--reps", type=int, default=15)
     args = parser.parse_args()
     if args.quick:
         experts, tokens, ks, layer_experts, layer_t, hidden_sizes = [16, 64], [1024], [1, 2], [64], 2048, [256, 512]
@@ -191,7 +190,7 @@ def main() -> None:
         layer_experts, layer_t, hidden_sizes = [64, 256], 32768, [256, 512, 1024, 2048]
     result = {"machine": describe_machine(), "command": "python bench/bench_gate.py" + (" --quick" if args.quick else ""),
               "gates": bench_gates(experts, tokens, ks, 512, args.reps),
-              "layers": bench_layer(layer_experts, layer_t, 2, 512, max(3, args.reps // 2)),
+              "layers": bench_layer(layer_experts, layer_t, 2, 512, 3),
               "hidden_scaling": [r for h in hidden_sizes for r in bench_gates([64], [8192], [2], h, args.reps)]}
     args.out.mkdir(parents=True, exist_ok=True)
     name = "gate_quick" if args.quick else "gate"

@@ -13,6 +13,7 @@ DeepSpeed's own files are pickles: loading a checkpoint from an untrusted source
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import shutil
@@ -21,6 +22,8 @@ from typing import Optional
 
 import torch
 import torch.distributed as dist
+
+log = logging.getLogger(__name__)
 
 STATE_FILE = "moge_state.json"
 _TAG = re.compile(r"^step(\d+)$")
@@ -81,25 +84,36 @@ def read_state(checkpoint_dir: Path) -> dict:
         raise CheckpointError(f"{path} is corrupt: {err}") from None
 
 
-def resume(engine, root: Path) -> Optional[dict]:
-    """Load the newest complete checkpoint under ``root`` into ``engine``; None if there is none."""
+def resume(engine, root: Path, world_size: int, ep_size: int) -> Optional[dict]:
+    """Load the newest complete checkpoint under ``root`` into ``engine``; None if there is none.
+
+    Model weights load whatever the world and expert-parallel sizes (DeepSpeed stores every expert
+    in its own file, named by global index). ZeRO's optimizer partitions depend on both sizes, so
+    when either changed the optimizer state is reset (with a warning) and the RNG states, which
+    belong to the old ranks, are not restored.
+    """
     tags = complete_tags(root)
     if not tags:
         return None
     tag = tags[-1]
     state = read_state(root / tag)
+    same_layout = (state.get("world_size"), state.get("ep_size")) == (world_size, ep_size)
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    if not same_layout and rank == 0:
+        log.warning("%s was saved with world size %s and ep_size %s, this run has %d and %d: loading the model "
+                    "weights and LR schedule, resetting the optimizer state (ZeRO partitions do not carry over)",
+                    root / tag, state.get("world_size"), state.get("ep_size"), world_size, ep_size)
     try:
-        load_path, _ = engine.load_checkpoint(str(root), tag=tag)
-    except (RuntimeError, KeyError, OSError) as err:
-        raise CheckpointError(f"cannot load {root / tag}: {type(err).__name__}: {err}") from None
+        load_path, _ = engine.load_checkpoint(str(root), tag=tag, load_optimizer_states=same_layout)
+    except (RuntimeError, KeyError, OSError, EOFError) as err:
+        raise CheckpointError(f"cannot load {root / tag} into this model: {type(err).__name__}: "
+                              f"{str(err)[:2000]}") from None
     if load_path is None:
         raise CheckpointError(f"DeepSpeed found no model states in {root / tag}")
-    rank = dist.get_rank() if dist.is_initialized() else 0
     rng_file = root / tag / f"rng_rank{rank:05d}.pt"
-    if rng_file.is_file():
+    if same_layout and rng_file.is_file():
         torch.set_rng_state(torch.load(rng_file, weights_only=True)["torch"])
     return state
-
 
 _EXPERT_FILE = re.compile(r"^layer_(\d+)_expert_(\d+)_mp_rank_00_model_states\.pt$")
 

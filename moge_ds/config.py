@@ -90,6 +90,7 @@ class TrainConfig:
     seed: int = 1234
     eval_interval: int = 100
     eval_batches: int = 10  # micro-batches per rank per evaluation
+    final_eval: list[str] = field(default_factory=lambda: ["valid", "test"])  # whole splits, at the end
     save_interval: int = 0  # 0: save only at the end
     keep_last: int = 0  # keep the newest K checkpoints (0: all)
     log_interval: int = 10
@@ -281,6 +282,8 @@ def validate(config: Config, ds: dict, world_size: int, bf16_supported: bool = T
                           f"{model.patch_size}")
     if train.steps < 1:
         raise ConfigError(f"train.steps must be >= 1, got {train.steps}")
+    if not set(train.final_eval) <= {"valid", "test"}:
+        raise ConfigError(f"train.final_eval may list 'valid' and 'test', got {train.final_eval}")
     from moge_ds.topographic import check_map, default_map_shape
 
     shape = tuple(moe.map_shape) if moe.map_shape else default_map_shape(moe.num_experts)

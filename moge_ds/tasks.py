@@ -1,8 +1,10 @@
 """The two training tasks: what a batch is, what the loss is, how a split is evaluated.
 
-Every batch is addressed by a global micro-batch counter, and all randomness in the data
-(sample order, augmentation) is derived from (seed, counter, rank). A resumed run therefore
-needs only the counter to see exactly the batches the uninterrupted run would have seen.
+A micro-batch is addressed by ``consumed``, the number of training samples all ranks together
+had consumed before it (Megatron's consumed_train_samples); rank r takes the ``micro`` samples
+from ``consumed + r * micro``. All randomness in the data (sample order, augmentation) derives
+from the seed and sample indices, so a resumed run needs only ``consumed`` to see exactly the
+samples the uninterrupted run would have seen, even on a different number of ranks.
 """
 
 from __future__ import annotations
@@ -23,7 +25,8 @@ from moge_ds.data.tokenizer import Tokenizer
 class Task(Protocol):
     unit: str  # what throughput counts: "tokens" or "images"
 
-    def train_batch(self, counter: int) -> dict[str, torch.Tensor]:
+    def train_batch(self, consumed: int) -> dict[str, torch.Tensor]:
+        """This rank's share of the micro-batch that starts at global sample ``consumed``."""
         ...
 
     def loss(self, model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, int]:
@@ -61,11 +64,12 @@ class LanguageModelling:
     def vocab_size(self) -> int:
         return self.tokenizer.vocab_size
 
-    def _batch(self, dataset, start: int) -> dict[str, torch.Tensor]:
+    def batch(self, dataset, start: int) -> dict[str, torch.Tensor]:
+        """``micro`` samples of ``dataset`` from index ``start``, on this rank's device."""
         return {k: v.to(self.device) for k, v in lm_batch(dataset, start, self.micro).items()}
 
-    def train_batch(self, counter: int) -> dict[str, torch.Tensor]:
-        return self._batch(self.splits.train, (counter * self.world + self.rank) * self.micro)
+    def train_batch(self, consumed: int) -> dict[str, torch.Tensor]:
+        return self.batch(self.splits.train, consumed + self.rank * self.micro)
 
     def loss(self, model, batch):
         logits, l_aux = model(batch["tokens"])
@@ -79,7 +83,7 @@ class LanguageModelling:
         batches = batches or len(dataset) // (self.micro * self.world)
         total_nll = total_tokens = 0.0
         for b in range(batches):
-            batch = self._batch(dataset, (b * self.world + self.rank) * self.micro)
+            batch = self.batch(dataset, (b * self.world + self.rank) * self.micro)
             logits, _ = model(batch["tokens"])
             nll = F.cross_entropy(logits.float().flatten(0, 1), batch["labels"].flatten(), reduction="none")
             mask = batch["loss_mask"].flatten().float()
@@ -121,10 +125,9 @@ class ImageClassification:
         self.micro, self.rank, self.world, self.device = micro_batch, rank, world, device
         self.seed, self.augment = config.train.seed, config.data.augment
 
-    def train_batch(self, counter: int) -> dict[str, torch.Tensor]:
+    def train_batch(self, consumed: int) -> dict[str, torch.Tensor]:
         n = len(self.train_labels)
-        global_batch = self.micro * self.world
-        start = counter * global_batch + self.rank * self.micro
+        start = consumed + self.rank * self.micro
         epoch, offset = divmod(start, n)
         order = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed * 100003 + epoch))
         index = order[(offset + torch.arange(self.micro)) % n]

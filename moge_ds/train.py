@@ -93,12 +93,15 @@ def main(argv: list[str] | None = None) -> dict:
         {"params": [p for p in model.parameters() if p.requires_grad], "name": "parameters"})
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=param_groups, config=ds_config)
 
-    start_step = 0
+    start_step = consumed = 0
     ckpt_root = out / "checkpoints"
     if train.resume:
-        state = checkpoint.resume(engine, ckpt_root)
+        try:
+            state = checkpoint.resume(engine, ckpt_root, world, moe.ep_size)
+        except checkpoint.CheckpointError as err:
+            exit_with_error(rank, "checkpoint", err)
         if state is not None:
-            start_step = state["step"]
+            start_step, consumed = state["step"], state["consumed_samples"]
             if rank == 0:
                 log.info("resumed from %s at step %d", ckpt_root / checkpoint.tag_for(start_step), start_step)
         elif rank == 0:
@@ -118,26 +121,31 @@ def main(argv: list[str] | None = None) -> dict:
         return metrics
 
     def save(step: int) -> None:
-        checkpoint.save(engine, ckpt_root, step, {"step": step, "config": config.to_dict()}, train.keep_last)
+        state = {"step": step, "consumed_samples": consumed, "world_size": world, "ep_size": moe.ep_size,
+                 "config": config.to_dict()}
+        checkpoint.save(engine, ckpt_root, step, state, train.keep_last)
 
     started = time.perf_counter()
     engine.train()
     for step in range(start_step, train.steps):
         set_sigma_step(engine.module, step)
-        task_loss_sum = aux_sum = 0.0
-        for micro_step in range(accum):
-            batch = task.train_batch(step * accum + micro_step)
+        # Summed as tensors; read (a device sync) only when logging.
+        task_loss_sum = aux_sum = torch.zeros((), device=device)
+        for _ in range(accum):
+            batch = task.train_batch(consumed)
+            consumed += micro * world
             task_loss, l_aux, items = task.loss(engine, batch)
             loss = task_loss + moe.aux_loss_weight * l_aux
             engine.backward(loss)
             engine.step()
-            task_loss_sum += task_loss.item()
-            aux_sum += l_aux.item()
+            task_loss_sum = task_loss_sum + task_loss.detach()
+            aux_sum = aux_sum + l_aux.detach()
             run_log.count(items)
         done = step + 1
         if done % train.log_interval == 0 or done == train.steps:
-            scalars = {"task_loss": task_loss_sum / accum, "l_aux": aux_sum / accum,
-                       "loss": (task_loss_sum + moe.aux_loss_weight * aux_sum) / accum,
+            task_loss_mean, aux_mean = task_loss_sum.item() / accum, aux_sum.item() / accum
+            scalars = {"task_loss": task_loss_mean, "l_aux": aux_mean,
+                       "loss": task_loss_mean + moe.aux_loss_weight * aux_mean,
                        "lr": engine.get_lr()[0], **gate_terms(engine.module)}
             run_log.step(done, scalars, expert_load(engine.module))
         run_log.advance()
@@ -154,7 +162,7 @@ def main(argv: list[str] | None = None) -> dict:
     run_log.close()
 
     # The final numbers cover the whole held-out splits.
-    metrics = {"valid": evaluate(train.steps, "valid", None), "test": evaluate(train.steps, "test", None)}
+    metrics = {split: evaluate(train.steps, split, None) for split in train.final_eval}
     if start_step < train.steps:
         save(train.steps)
     if rank == 0:

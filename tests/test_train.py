@@ -51,14 +51,14 @@ def make_image_folder(root, per_class=24):
                 Image.fromarray(image).save(folder / f"{i}.png")
 
 
-def train(workspace, out_name, *overrides, preset="gpt_tiny.yaml", resume=False):
+def train(workspace, out_name, *overrides, preset="gpt_tiny.yaml", resume=False, nproc=2):
     out = workspace / out_name
     data = [f"data.prefixes=[{workspace / 'text'}]", f"data.tokenizer={workspace / 'tok.model'}",
             "model.seq_length=32", "data.split=80,10,10", f"data.images=folder:{workspace / 'images'}",
             "data.valid_images=8"]
     args = ["--module", "moge_ds.train", "--config", str(REPO / "configs" / preset), "--deepspeed_config",
             str(workspace / "ds.json"), "--set", *TINY, *data, f"train.output_dir={out}", *overrides]
-    launch_deepspeed(args + (["--resume"] if resume else []), cwd=workspace)
+    launch_deepspeed(args + (["--resume"] if resume else []), cwd=workspace, num_ranks=nproc)
     history = [json.loads(l) for l in (out / "history.jsonl").read_text().splitlines()]
     return out, [r for r in history if "split" not in r]
 

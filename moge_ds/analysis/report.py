@@ -62,7 +62,7 @@ def _text_probe(config, size: int):
     task = LanguageModelling(config, micro_batch=8, rank=0, world=1, total_micro_batches=1,
                              device=torch.device("cpu"))
     batches = max(1, size // (8 * config.model.seq_length))
-    tokens = torch.cat([task._batch(task.splits.test, b * 8)["tokens"] for b in range(batches)])
+    tokens = torch.cat([task.batch(task.splits.test, b * 8)["tokens"] for b in range(batches)])
     pieces = [task.tokenizer.sp.id_to_piece(i) for i in range(task.vocab_size)]
     kinds = torch.tensor([_token_type(p) for p in pieces])
     return tokens, kinds[tokens.flatten()], list(TOKEN_TYPES)

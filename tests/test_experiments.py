@@ -1,0 +1,65 @@
+"""The sweep runner's bookkeeping and statistics, on metrics written by hand."""
+
+import json
+
+import pytest
+import yaml
+
+from moge_ds import experiments
+from moge_ds.experiments import Run, Sweep, collect, write_report
+
+
+@pytest.fixture
+def sweep(tmp_path, monkeypatch):
+    monkeypatch.setattr(experiments, "REPO", tmp_path)
+    spec = {"name": "toy", "preset": "configs/vit_fmnist.yaml", "ds_config": "experiments/ds_sweep.json",
+            "metric": "accuracy", "higher_is_better": True, "report_split": "test", "baseline": "moe",
+            "common": ["train.steps=5"], "grid": {"moe.num_experts": [16, 32]},
+            "arms": {"moe": ["moe.gs_weight=0"], "moge": ["moe.gs_weight=4"]}, "seeds": [1, 2, 3]}
+    path = tmp_path / "toy.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return Sweep.load(str(path))
+
+
+def write_metric(sweep, run, value):
+    out = sweep.root / "runs" / run.name
+    out.mkdir(parents=True)
+    (out / "metrics.json").write_text(json.dumps({"test": {"accuracy": value}}))
+
+
+def test_runs_and_commands(sweep):
+    runs = sweep.runs()
+    assert len(runs) == 2 * 2 * 3 and runs[0].seed == 1 and runs[-1].seed == 3
+    cmd = sweep.command(runs[1], 1234)
+    assert "--resume" in cmd and "moe.gs_weight=4" in cmd and "train.seed=1" in cmd
+    assert any(c.startswith("train.output_dir=") and c.endswith(runs[1].name) for c in cmd)
+    assert runs[1].name == "num_experts16_moge_s1"
+
+
+def test_statistics_match_a_hand_computation(sweep):
+    moe = {1: 0.70, 2: 0.72, 3: 0.71}
+    moge = {1: 0.73, 2: 0.74, 3: 0.74}  # differences 0.03, 0.02, 0.03
+    for seed in (1, 2, 3):
+        write_metric(sweep, Run((("moe.num_experts", 16), ), "moe", seed), moe[seed])
+        write_metric(sweep, Run((("moe.num_experts", 16), ), "moge", seed), moge[seed])
+    write_metric(sweep, Run((("moe.num_experts", 32), ), "moe", 1), 0.5)
+    rows = collect(sweep)
+    first = rows[0]
+    assert first["moe"]["mean"] == pytest.approx(0.71) and first["moe"]["std"] == pytest.approx(0.01)
+    diff = first["moge-moe"]
+    assert diff["mean"] == pytest.approx(0.08 / 3) and diff["better"]
+    # Paired t: mean d / (sd_d / sqrt(n)), sd_d = 0.005774 -> t = 8.0, two-sided p with 2 dof.
+    assert diff["p"] == pytest.approx(0.01527, abs=2e-4)
+    assert rows[1]["moe"]["n"] == 1 and "moge" not in rows[1]
+    report = write_report(sweep).read_text()
+    assert "| 16 | 0.71 ± 0.01 (n=3) | 0.7367 ± 0.0058 (n=3) | +0.02667 ± 0.0058 | 0.015 | win |" in report
+    assert (sweep.root / "results.png").is_file()
+
+
+def test_bad_sweep_file(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump({"name": "x", "preset": "p", "ds_config": "d", "metric": "m",
+                                    "higher_is_better": True, "report_split": "test", "baseline": "base",
+                                    "common": [], "grid": {}, "arms": {"a": []}, "seeds": [1]}))
+    with pytest.raises(SystemExit, match="baseline 'base' is not one of the arms"):
+        Sweep.load(str(path))
