@@ -8,8 +8,8 @@ PY := $(VENV)/bin/python
 
 .PHONY: setup system-deps test test-fast train train-vit tokenizer data clean
 
-system-deps:  ## Debian packages: default corpus and images (needs root)
-	apt-get update -qq && apt-get install -y -qq python3.11-doc dataset-fashion-mnist
+system-deps:  ## Debian packages: default corpus and images; Slurm + munge for the launcher tests (needs root)
+	apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3.11-doc dataset-fashion-mnist slurmctld slurmd slurm-client munge
 
 setup:  ## .venv with torch, DeepSpeed and the rest, and moge_ds installed editable
 	$(PYTHON) -m venv $(VENV)
