@@ -2,6 +2,7 @@
 
     python -m moge_ds.experiments run experiments/vit_fmnist.yaml [--parallel 2]
     python -m moge_ds.experiments report experiments/vit_fmnist.yaml
+    python -m moge_ds.experiments analyse experiments/vit_fmnist.yaml --point moe.num_experts=32,moe.top_k=1
 
 A sweep file names a preset, a ds_config, overrides common to every run, a grid, the arms
 (MoE/MoGE settings; one arm is the baseline) and the seeds. Every run writes its own directory
@@ -18,6 +19,7 @@ import itertools
 import json
 import math
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -128,39 +130,48 @@ def _mean_std(values: list[float]) -> tuple[float, float]:
     return mean, std
 
 
-def collect(sweep: Sweep) -> list[dict]:
-    """One row per grid point: per arm mean/std over seeds; per non-baseline arm the paired difference."""
+def paired_difference(treated: list[float], baseline: list[float], higher_is_better: bool) -> dict:
+    """Mean/std of ``treated - baseline`` over matched pairs, the paired t-test's p, and the direction."""
     from scipy import stats
 
+    diffs = [t - b for t, b in zip(treated, baseline)]
+    mean, std = _mean_std(diffs)
+    p_value = float(stats.ttest_rel(treated, baseline).pvalue) if len(diffs) > 1 else None
+    return {"mean": mean, "std": std, "n": len(diffs), "p": p_value,
+            "better": mean > 0 if higher_is_better else mean < 0}
+
+
+def _metric_values(sweep: Sweep, point, arm: str) -> dict[int, float]:
+    values = {}
+    for seed in sweep.seeds:
+        path = sweep.root / "runs" / Run(point, arm, seed).name / "metrics.json"
+        if path.is_file():
+            values[seed] = json.loads(path.read_text())[sweep.report_split][sweep.metric]
+    return values
+
+
+def collect(sweep: Sweep) -> tuple[list[dict], dict]:
+    """Per grid point: each arm's mean/std over seeds and each other arm's paired difference from the
+    baseline; and the paired differences pooled over all points (one pair per point and seed)."""
     rows = []
-    points = list(dict.fromkeys(r.point for r in sweep.runs()))
-    for point in points:
+    pooled: dict[str, tuple[list[float], list[float]]] = {a: ([], []) for a in sweep.arms if a != sweep.baseline}
+    for point in dict.fromkeys(r.point for r in sweep.runs()):
         row: dict = {"point": dict(point)}
-        values: dict[str, dict[int, float]] = {}
-        for arm in sweep.arms:
-            values[arm] = {}
-            for seed in sweep.seeds:
-                path = sweep.root / "runs" / Run(point, arm, seed).name / "metrics.json"
-                if path.is_file():
-                    values[arm][seed] = json.loads(path.read_text())[sweep.report_split][sweep.metric]
-            if values[arm]:
-                mean, std = _mean_std(list(values[arm].values()))
-                row[arm] = {"mean": mean, "std": std, "n": len(values[arm])}
-        for arm in sweep.arms:
-            if arm == sweep.baseline:
-                continue
+        values = {arm: _metric_values(sweep, point, arm) for arm in sweep.arms}
+        for arm, by_seed in values.items():
+            if by_seed:
+                mean, std = _mean_std(list(by_seed.values()))
+                row[arm] = {"mean": mean, "std": std, "n": len(by_seed)}
+        for arm, (treated, base) in pooled.items():
             seeds = sorted(set(values[arm]) & set(values[sweep.baseline]))
-            if not seeds:
-                continue
-            diffs = [values[arm][s] - values[sweep.baseline][s] for s in seeds]
-            p_value = stats.ttest_rel([values[arm][s] for s in seeds],
-                                      [values[sweep.baseline][s] for s in seeds]).pvalue if len(seeds) > 1 else None
-            mean, std = _mean_std(diffs)
-            better = mean > 0 if sweep.higher_is_better else mean < 0
-            row[f"{arm}-{sweep.baseline}"] = {"mean": mean, "std": std, "n": len(seeds), "p": p_value,
-                                              "better": better}
+            if seeds:
+                pair = [values[arm][s] for s in seeds], [values[sweep.baseline][s] for s in seeds]
+                row[f"{arm}-{sweep.baseline}"] = paired_difference(*pair, sweep.higher_is_better)
+                treated += pair[0]
+                base += pair[1]
         rows.append(row)
-    return rows
+    overall = {arm: paired_difference(t, b, sweep.higher_is_better) for arm, (t, b) in pooled.items() if t}
+    return rows, overall
 
 
 def _verdict(diff: dict) -> str:
@@ -172,9 +183,9 @@ def _verdict(diff: dict) -> str:
 
 
 def write_report(sweep: Sweep) -> Path:
-    rows = collect(sweep)
+    rows, overall = collect(sweep)
     sweep.root.mkdir(parents=True, exist_ok=True)
-    (sweep.root / "results.json").write_text(json.dumps(rows, indent=1))
+    (sweep.root / "results.json").write_text(json.dumps({"points": rows, "pooled": overall}, indent=1))
     arms = list(sweep.arms)
     others = [a for a in arms if a != sweep.baseline]
     keys = list(sweep.grid)
@@ -194,6 +205,10 @@ def write_report(sweep: Sweep) -> Path:
         cells += [f"{first['p']:.3f}" if first and first["p"] is not None else "-",
                   _verdict(first) if first else "-"]
         lines.append("| " + " | ".join(cells) + " |")
+    for arm, d in overall.items():
+        p = f"{d['p']:.3f}" if d["p"] is not None else "-"
+        lines += ["", f"All points pooled, {arm} - {sweep.baseline}: {d['mean']:+.4g} ± {d['std']:.2g} over {d['n']} "
+                  f"(point, seed) pairs, paired t p = {p}: {_verdict(d)}."]
     lines += ["", "Reproduce: `python -m moge_ds.experiments run " + f"experiments/{sweep.name}.yaml` "
               "then `report` (runs under results/<name>/runs/, each with its launch.log and config.json)."]
     (sweep.root / "results.md").write_text("\n".join(lines) + "\n")
@@ -230,17 +245,58 @@ def _plot(sweep: Sweep, rows: list[dict]) -> None:
     plt.close(fig)
 
 
+def analyse_point(sweep: Sweep, point: dict, seed: int, probe: int = 2000) -> Path:
+    """Export and analyse every arm's run at one grid point and seed; write a side-by-side table."""
+    from moge_ds.analysis.report import analyse
+    from moge_ds.export import export
+
+    key = tuple((k, point[k]) for k in sweep.grid)
+    label = Run(key, "", seed).name.replace("__", "_")
+    out = sweep.root / "analysis" / label
+    results = {}
+    for arm in sweep.arms:
+        run = Run(key, arm, seed)
+        exported = export(sweep.root / "runs" / run.name / "checkpoints", out / arm / "export")
+        results[arm] = analyse(exported, out / arm, probe)
+        shutil.rmtree(exported)  # weights are reproducible from the run; keep the report
+    rows = [("mean expert-output cosine (lower: more diverse)", lambda r, i: r["layers"][i]["expert_output_cosine"]),
+            ("mean expert-weight cosine", lambda r, i: r["layers"][i]["expert_weight_cosine"]),
+            ("routing entropy / log E", lambda r, i: r["layers"][i]["routing_entropy_normalized"]),
+            ("MI(top-1 expert; label), normalised", lambda r, i: r["layers"][i]["mi_top1_vs_label"]["normalized"]),
+            ("top-2 experts are map neighbours", lambda r, i: r["layers"][i]["top2_map_neighbour_rate"]),
+            ("expert load CV", lambda r, i: r["layers"][i]["cv"])]
+    first = next(iter(results.values()))
+    for name in first["invariance_jaccard"]:
+        rows.append((f"top-k Jaccard under {name} (higher: more invariant)",
+                     lambda r, i, name=name: r["invariance_jaccard"][name][i]))
+    arms = list(results)
+    lines = [f"# {sweep.name}: expert analysis at {point}, seed {seed}", "",
+             "| metric | layer | " + " | ".join(arms) + " |", "|---|---|" + "---|" * len(arms)]
+    for title, get in rows:
+        for layer in range(len(first["layers"])):
+            lines.append(f"| {title} | {layer} | " + " | ".join(f"{get(results[a], layer):.3f}" for a in arms) + " |")
+    lines += ["", "Per-arm reports with topographic maps: " + ", ".join(f"[{a}]({a}/report.md)" for a in arms), ""]
+    (out / "analysis.md").write_text("\n".join(lines))
+    return out / "analysis.md"
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m moge_ds.experiments", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("command", choices=["run", "report", "list"])
+    parser.add_argument("command", choices=["run", "report", "list", "analyse"])
     parser.add_argument("sweep", help="a sweep YAML, e.g. experiments/vit_fmnist.yaml")
     parser.add_argument("--parallel", type=int, default=1, help="runs at a time (CPU threads are split)")
+    parser.add_argument("--point", default="", help="analyse: the grid point, e.g. moe.num_experts=32,moe.top_k=1")
+    parser.add_argument("--seed", type=int, default=1, help="analyse: which seed's runs")
     args = parser.parse_args(argv)
     sweep = Sweep.load(args.sweep)
     if args.command == "list":
         for run in sweep.runs():
             print(" ".join(sweep.command(run, 29700)))
+        return
+    if args.command == "analyse":
+        point = {k: yaml.safe_load(v) for k, v in (item.split("=") for item in args.point.split(",") if item)}
+        print(f"wrote {analyse_point(sweep, point, args.seed)}")
         return
     if args.command == "run":
         run_sweep(sweep, args.parallel)

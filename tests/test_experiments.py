@@ -43,7 +43,7 @@ def test_statistics_match_a_hand_computation(sweep):
         write_metric(sweep, Run((("moe.num_experts", 16), ), "moe", seed), moe[seed])
         write_metric(sweep, Run((("moe.num_experts", 16), ), "moge", seed), moge[seed])
     write_metric(sweep, Run((("moe.num_experts", 32), ), "moe", 1), 0.5)
-    rows = collect(sweep)
+    rows, overall = collect(sweep)
     first = rows[0]
     assert first["moe"]["mean"] == pytest.approx(0.71) and first["moe"]["std"] == pytest.approx(0.01)
     diff = first["moge-moe"]
@@ -51,6 +51,7 @@ def test_statistics_match_a_hand_computation(sweep):
     # Paired t: mean d / (sd_d / sqrt(n)), sd_d = 0.005774 -> t = 8.0, two-sided p with 2 dof.
     assert diff["p"] == pytest.approx(0.01527, abs=2e-4)
     assert rows[1]["moe"]["n"] == 1 and "moge" not in rows[1]
+    assert overall["moge"]["n"] == 3 and overall["moge"]["mean"] == pytest.approx(diff["mean"])
     report = write_report(sweep).read_text()
     assert "| 16 | 0.71 ± 0.01 (n=3) | 0.7367 ± 0.0058 (n=3) | +0.02667 ± 0.0058 | 0.015 | win |" in report
     assert (sweep.root / "results.png").is_file()
