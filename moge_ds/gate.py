@@ -102,12 +102,13 @@ class MoGEGate(TopKGate):
 
         input_fp32 = input.float()
         weight = self.wg.weight.float()
-        logits = F.linear(input_fp32, weight)
-        # The regulariser sees the noise-free scores; top2gating adds Gumbel noise to the
-        # logits in place, so take the softmax before routing.
-        scores = F.softmax(logits, dim=1) if self.gs_weight > 0 else None
-        if self.noisy_gate_policy == 'Jitter' and self.training:
-            logits = F.linear(multiplicative_jitter(input_fp32, device=input.device), weight)
+        jitter = self.noisy_gate_policy == 'Jitter' and self.training
+        logits = F.linear(multiplicative_jitter(input_fp32, device=input.device) if jitter else input_fp32, weight)
+        scores = None
+        if self.gs_weight > 0:
+            # The regulariser sees noise-free scores: with input jitter that takes a second, clean
+            # matmul. top2gating adds Gumbel noise to the logits in place, so softmax before routing.
+            scores = F.softmax(F.linear(input_fp32, weight) if jitter else logits, dim=1)
 
         capacity_factor = self.capacity_factor if self.training else self.eval_capacity_factor
         if self.k == 1:

@@ -46,13 +46,16 @@ def test_zero_weight_equals_topkgate(k, drop_tokens, sparse_routes, noisy_gate_p
 
 
 @pytest.mark.parametrize("k", [1, 2, 4])
-def test_regulariser_adds_to_l_aux_and_keeps_routing(k):
-    vanilla, _ = paired_gates(k)
-    moge = MoGEGate(12, 16, k, **GATE_KW, gs_weight=0.25, sigma=1.5, reduction="mean")
+@pytest.mark.parametrize("noisy_gate_policy", [None, "Jitter", "RSample"])
+def test_regulariser_adds_to_l_aux_and_keeps_routing(k, noisy_gate_policy):
+    vanilla, _ = paired_gates(k, noisy_gate_policy=noisy_gate_policy)
+    moge = MoGEGate(12, 16, k, **GATE_KW, noisy_gate_policy=noisy_gate_policy, gs_weight=0.25, sigma=1.5,
+                    reduction="mean")
     moge.wg.load_state_dict(vanilla.wg.state_dict())
     x = torch.randn(40, 12)
     want, got = run(vanilla, x, 3, True), run(moge, x, 3, True)
     assert_same_outputs(want[1:], got[1:])
+    # Noise-free scores, whatever noise the routing used.
     scores = torch.softmax(x.double() @ vanilla.wg.weight.double().t(), dim=-1)
     gs = group_sparsity_loss(scores, (4, 4), 3, 1.5, reduction="mean")
     assert got[0].item() == pytest.approx(want[0].item() + 0.25 * gs.item(), rel=1e-5)
