@@ -74,16 +74,28 @@ def step_times(kind: str, num_experts: int, micro: int, blocks: int, per_block: 
                 step()
             samples[name].append((time.perf_counter() - t0) / per_block)
     moe, moge = statistics.median(samples["moe"]), statistics.median(samples["moge"])
-    return {"kind": kind, "E": num_experts, "micro_batch": micro, "moe_s": moe, "moge_s": moge, "time_ratio": moge / moe}
+    # Adjacent blocks of the two arms ran back to back: their ratios show how noisy the machine was.
+    quartiles = statistics.quantiles([b / a for a, b in zip(samples["moe"], samples["moge"])], n=4)
+    return {"kind": kind, "E": num_experts, "micro_batch": micro, "moe_s": moe, "moge_s": moge, "time_ratio": moge / moe,
+            "block_ratio_q1": quartiles[0], "block_ratio_q3": quartiles[2]}
 
 
 def peak_memory_child(kind: str, num_experts: int, gs_weight: float, micro: int) -> None:
     step = make_arm(kind, num_experts, gs_weight, micro)
     for _ in range(3):
         step()
-    peak = torch.cuda.max_memory_allocated() if DEVICE.type == "cuda" else \
-        resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    print(json.dumps({"peak_bytes": peak}))
+    print(json.dumps({"peak_bytes": torch.cuda.max_memory_allocated() if DEVICE.type == "cuda" else peak_rss()}))
+
+
+def peak_rss() -> int:
+    """This process's peak resident set. Linux's VmHWM starts afresh at exec; getrusage's ru_maxrss
+    does not (a child would report its parent's peak), so it is only the fallback."""
+    status = Path("/proc/self/status")
+    if status.is_file():
+        for line in status.read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def peak_memory(kind: str, num_experts: int, micro: int, repeats: int) -> dict:
@@ -121,11 +133,12 @@ def markdown(result: dict) -> str:
     lines = [f"# Training-step benchmark ({m['device']}, torch {m['torch']}, DeepSpeed {m['deepspeed']}, "
              f"{m['threads']} threads)", "", f"Command: `{result['command']}`", "",
              "## One training step (fwd + bwd + AdamW), one process, MoGE vs MoE interleaved", "",
-             "| preset | E | micro-batch | MoE s/step | MoGE s/step | time ratio | MoE peak MB | MoGE peak MB | "
-             "memory ratio |", "|---|---|---|---|---|---|---|---|---|"]
+             "| preset | E | micro-batch | MoE s/step | MoGE s/step | time ratio | block ratios q1-q3 | MoE peak MB | "
+             "MoGE peak MB | memory ratio |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in result["steps"]:
         lines.append(f"| {r['kind']} | {r['E']} | {r['micro_batch']} | {r['moe_s']:.4f} | {r['moge_s']:.4f} | "
-                     f"{r['time_ratio']:.3f} | {r['moe_peak_mb']:.0f} | {r['moge_peak_mb']:.0f} | "
+                     f"{r['time_ratio']:.3f} | {r['block_ratio_q1']:.3f}-{r['block_ratio_q3']:.3f} | "
+                     f"{r['moe_peak_mb']:.0f} | {r['moge_peak_mb']:.0f} | "
                      f"{r['memory_ratio']:.4f} |")
     if result.get("throughput"):
         lines += ["", "## Main-job preset through the launcher: tokens/s (median over logged intervals)", "",
@@ -149,7 +162,7 @@ def main() -> None:
                                                 ("vit", 64, 32)]
     rows = []
     for kind, e, micro in grid:
-        row = step_times(kind, e, micro, blocks=3 if args.quick else 5, per_block=3 if args.quick else 5)
+        row = step_times(kind, e, micro, blocks=4 if args.quick else 21, per_block=3 if args.quick else 4)
         row.update(peak_memory(kind, e, micro, repeats=1 if args.quick else 3))
         print(f"step {kind} E={e}: time ratio {row['time_ratio']:.3f}, memory ratio {row['memory_ratio']:.4f}",
               flush=True)
