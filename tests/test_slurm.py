@@ -20,7 +20,7 @@ from tests.test_train import workspace  # noqa: F401  (shared fixture)
 
 pytestmark = pytest.mark.slow
 
-DAEMONS = ("munged", "slurmctld", "slurmd", "sbatch", "scontrol")
+DAEMONS = ("munged", "munge", "slurmctld", "slurmd", "sbatch", "scontrol")
 
 
 @pytest.fixture(scope="module")
@@ -59,7 +59,8 @@ PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
     for d in ("state", "spool.node1", "spool.node2"):
         (root / d).mkdir()
     env = {**os.environ, "SLURM_CONF": str(conf)}
-    if not Path("/run/munge/munge.socket.2").exists():
+    # A credential round trip tells a live munged from a stale socket left by an earlier session.
+    if subprocess.run(["munge", "-n"], capture_output=True).returncode != 0:
         Path("/run/munge").mkdir(parents=True, exist_ok=True)
         subprocess.run(["munged", "--force"], check=True, capture_output=True)
     subprocess.run(["slurmctld"], env=env, check=True)
