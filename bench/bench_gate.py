@@ -1,6 +1,6 @@
 """Gate and layer micro-benchmarks: MoGEGate vs DeepSpeed's TopKGate, side by side in one process.
 
-    python bench/bench_gate.py [--quick] [--out bench/results]
+    python -m bench.bench_gate [--quick] [--out bench/results]
 
 1. Gate fwd+bwd, MoGE vs TopKGate, for E x T x k, hidden 512 (``sparse_routes=True``, as MOELayer
    calls it). The two gates share weights and run interleaved, so machine drift hits both alike.
@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
 import time
 from pathlib import Path
 
@@ -27,12 +26,10 @@ import torch
 import torch.nn.functional as F
 from deepspeed.moe.sharded_moe import TopKGate
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from bench.environment import describe_machine  # noqa: E402
-from moge_ds.gate import MoGEGate  # noqa: E402
-from moge_ds.layer import MoGE  # noqa: E402
-from moge_ds.topographic import default_map_shape, gaussian_kernel, pooled_group_sparsity, pooling_matrix  # noqa: E402
+from bench.environment import describe_machine
+from moge_ds.gate import MoGEGate
+from moge_ds.layer import MoGE
+from moge_ds.topographic import default_map_shape, gaussian_kernel, pooled_group_sparsity, pooling_matrix
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
@@ -170,7 +167,8 @@ def markdown(result: dict) -> str:
                      f"{r['regulariser_share']:.2%} | {r['naive_regulariser'] * 1e3:.2f} | {r['naive_share']:.2%} |")
     if result.get("hidden_scaling"):
         lines += ["", "## Gate overhead at fixed E as the hidden size grows", "",
-                  "| hidden | E | T | k | TopKGate ms | MoGEGate ms | overhead ms | ratio |", "|---|---|---|---|---|---|---|---|"]
+                  "| hidden | E | T | k | TopKGate ms | MoGEGate ms | overhead ms | ratio |",
+                  "|---|---|---|---|---|---|---|---|"]
         for r in result["hidden_scaling"]:
             lines.append(f"| {r['hidden']} | {r['E']} | {r['T']} | {r['k']} | {r['topk'] * 1e3:.2f} | "
                          f"{r['moge'] * 1e3:.2f} | {r['overhead_ms']:.2f} | {r['ratio']:.3f} |")
@@ -188,7 +186,8 @@ def main() -> None:
     else:
         experts, tokens, ks = [8, 16, 32, 64, 128, 256], [1024, 8192, 32768], [1, 2]
         layer_experts, layer_t, hidden_sizes = [64, 256], 32768, [256, 512, 1024, 2048]
-    result = {"machine": describe_machine(), "command": "python bench/bench_gate.py" + (" --quick" if args.quick else ""),
+    command = "python -m bench.bench_gate" + (" --quick" if args.quick else "")
+    result = {"machine": describe_machine(), "command": command,
               "gates": bench_gates(experts, tokens, ks, 512, args.reps),
               "layers": bench_layer(layer_experts, layer_t, 2, 512, 3),
               "hidden_scaling": [r for h in hidden_sizes for r in bench_gates([64], [8192], [2], h, args.reps)]}

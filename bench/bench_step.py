@@ -1,6 +1,6 @@
 """Full training steps of the GPT and ViT presets, MoGE vs MoE, and 1- vs 2-rank throughput.
 
-    python bench/bench_step.py [--quick] [--out bench/results]
+    python -m bench.bench_step [--quick] [--out bench/results]
 
 Time: both models (same initial weights, differing only in gs_weight) are built in one process and
 their steps interleaved in blocks, so machine drift cancels; a step is forward + backward + AdamW on
@@ -24,13 +24,12 @@ from pathlib import Path
 
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+from bench.environment import describe_machine
+from moge_ds.config import load_config
+from moge_ds.gate import set_sigma_step
+from moge_ds.models import build_model
 
-from bench.environment import describe_machine  # noqa: E402
-from moge_ds.config import load_config  # noqa: E402
-from moge_ds.gate import set_sigma_step  # noqa: E402
-from moge_ds.models import build_model  # noqa: E402
+REPO = Path(__file__).resolve().parents[1]
 
 PRESETS = {"gpt": "configs/gpt_tiny.yaml", "vit": "configs/vit_fmnist.yaml"}
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -76,7 +75,8 @@ def step_times(kind: str, num_experts: int, micro: int, blocks: int, per_block: 
     moe, moge = statistics.median(samples["moe"]), statistics.median(samples["moge"])
     # Adjacent blocks of the two arms ran back to back: their ratios show how noisy the machine was.
     quartiles = statistics.quantiles([b / a for a, b in zip(samples["moe"], samples["moge"])], n=4)
-    return {"kind": kind, "E": num_experts, "micro_batch": micro, "moe_s": moe, "moge_s": moge, "time_ratio": moge / moe,
+    return {"kind": kind, "E": num_experts, "micro_batch": micro, "moe_s": moe, "moge_s": moge,
+            "time_ratio": moge / moe,
             "block_ratio_q1": quartiles[0], "block_ratio_q3": quartiles[2]}
 
 
@@ -102,8 +102,9 @@ def peak_memory(kind: str, num_experts: int, micro: int, repeats: int) -> dict:
     peaks: dict[str, list[int]] = {"moe": [], "moge": []}
     for _ in range(repeats):
         for arm, gs in (("moe", 0.0), ("moge", 1.0)):
-            out = subprocess.run([sys.executable, __file__, "--memory-child", kind, str(num_experts), str(gs),
-                                  str(micro)], capture_output=True, text=True, check=True, cwd=REPO).stdout
+            child = [sys.executable, "-m", "bench.bench_step", "--memory-child", kind, str(num_experts), str(gs),
+                     str(micro)]
+            out = subprocess.run(child, capture_output=True, text=True, check=True, cwd=REPO).stdout
             peaks[arm].append(json.loads(out.strip().splitlines()[-1])["peak_bytes"])
     moe, moge = statistics.median(peaks["moe"]), statistics.median(peaks["moge"])
     return {"moe_peak_mb": moe / 2**20, "moge_peak_mb": moge / 2**20, "memory_ratio": moge / moe}
@@ -120,7 +121,7 @@ def rank_throughput(steps: int) -> list[dict]:
                        f"train.steps={steps}", "train.eval_interval=0", "train.log_interval=5",
                        f"train.output_dir={out}"]
                 subprocess.run(cmd, check=True, capture_output=True, cwd=REPO)
-                history = [json.loads(l) for l in Path(out, "history.jsonl").read_text().splitlines()]
+                history = [json.loads(line) for line in Path(out, "history.jsonl").read_text().splitlines()]
                 speeds = [r["tokens_per_s"] for r in history if "split" not in r and r["step"] > 10]
                 rows.append({"ranks": nproc, "gs_weight": gs, "tokens_per_s": statistics.median(speeds)})
                 print(f"throughput {nproc} rank(s), gs_weight {gs}: {rows[-1]['tokens_per_s']:,.0f} tokens/s",
@@ -167,7 +168,8 @@ def main() -> None:
         print(f"step {kind} E={e}: time ratio {row['time_ratio']:.3f}, memory ratio {row['memory_ratio']:.4f}",
               flush=True)
         rows.append(row)
-    result = {"machine": describe_machine(), "command": "python bench/bench_step.py" + (" --quick" if args.quick else ""),
+    command = "python -m bench.bench_step" + (" --quick" if args.quick else "")
+    result = {"machine": describe_machine(), "command": command,
               "steps": rows, "throughput": [] if args.quick else rank_throughput(steps=60)}
     args.out.mkdir(parents=True, exist_ok=True)
     name = "step_quick" if args.quick else "step"

@@ -11,6 +11,7 @@ import torch
 def describe_machine() -> dict:
     import deepspeed
 
-    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"CPU ({platform.processor() or platform.machine()})"
+    cpu = f"CPU ({platform.processor() or platform.machine()})"
+    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else cpu
     return {"device": device, "cpus": os.cpu_count(), "threads": torch.get_num_threads(), "torch": torch.__version__,
             "deepspeed": deepspeed.__version__, "python": platform.python_version()}

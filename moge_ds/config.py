@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from collections.abc import KeysView
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Optional, Union, get_args, get_origin, get_type_hints
@@ -37,9 +38,12 @@ class MoEConfig:
     # Which blocks get an MoE FFN: "every_other" (1, 3, 5, ...), "last_2", "all", or a list of indices.
     placement: Union[str, list[int]] = "every_other"
     # Total loss = task + aux_loss_weight * sum over layers of l_aux, where
-    # l_aux = load_balance + gs_weight * group_sparsity. The paper's lambda = aux_loss_weight * gs_weight.
+    # l_aux = load_balance + gs_weight * group_sparsity(reduction). The paper's token-summed lambda is
+    # aux_loss_weight * gs_weight / T under reduction "mean" (T = tokens per MoE layer per micro-batch
+    # per rank) and aux_loss_weight * gs_weight under "sum". Give the weight in one unit:
     aux_loss_weight: float = 0.01
-    gs_weight: float = 0.0
+    gs_weight: float = 0.0  # ours; 0 = vanilla MoE
+    gs_lambda: Optional[float] = None  # the paper's lambda; sets gs_weight from T at start-up
     map_shape: Optional[list[int]] = None  # default: the most square (r, c)
     window_size: int = 3
     stride: int = 1
@@ -184,11 +188,24 @@ def apply_overrides(config: Config, overrides: tuple[str, ...]) -> Config:
         key, sep, raw = item.partition("=")
         if not sep or "." not in key:
             raise ConfigError(f"override {item!r} must look like section.field=value, e.g. moe.gs_weight=0.3")
-        nested: dict = yaml.safe_load(raw) if raw else None
+        nested: Any = _parse_value(raw)
         for part in reversed(key.split(".")):
             nested = {part: nested}
         _apply(config, nested, "")
     return config
+
+
+def _parse_value(raw: str) -> Any:
+    """YAML, except that numbers parse as a user writes them (YAML 1.1 reads ``1e-3`` as a string)."""
+    if not raw:
+        return None
+    value = yaml.safe_load(raw)
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    return value
 
 
 def moe_layer_indices(placement: Union[str, list[int]], depth: int) -> list[int]:
@@ -216,38 +233,69 @@ def load_ds_config(path: str) -> dict:
     return {k: v for k, v in ds.items() if not k.startswith("_")}
 
 
-def _check_ds_keys(ds: dict) -> None:
-    """Unknown top-level keys are silently ignored by DeepSpeed; refuse them instead (a typo loses a setting)."""
-    from deepspeed.runtime import constants
+class _ReadRecorder(dict):
+    """A dict that notes every key looked up in it, through ``[]``, ``get``, ``in`` or ``keys()``."""
 
-    known = {v for k, v in vars(constants).items() if k.isupper() and isinstance(v, str)}
-    known |= {"zero_optimization", "monitor_config", "tensorboard", "csv_monitor", "wandb", "comet", "flops_profiler",
-              "autotuning", "comms_logger", "compression_training", "data_efficiency", "elasticity",
-              "activation_checkpointing", "aio", "nebula", "checkpoint", "pipeline", "amp", "compile",
-              "weight_quantization", "hybrid_engine", "timers", "eigenvalue", "progressive_layer_drop",
-              "curriculum_learning", "quantize_training", "expert_parallel", "tensor_parallel", "torch_autocast"}
-    unknown = sorted(set(ds) - known)
+    def __init__(self, values: dict, seen: set):
+        super().__init__(values)
+        self.seen = seen
+
+    def __getitem__(self, key):
+        self.seen.add(key)
+        return super().__getitem__(key)
+
+    def get(self, key, default=None):
+        self.seen.add(key)
+        return super().get(key, default)
+
+    def __contains__(self, key):
+        self.seen.add(key)
+        return super().__contains__(key)
+
+    def keys(self):
+        return KeysView(self)  # membership goes through __contains__
+
+
+def _check_with_deepspeed(ds: dict) -> None:
+    """Parse ``ds`` with DeepSpeed's own ``DeepSpeedConfig``: its section models refuse misspelled nested
+    keys, and the top-level keys it never reads are unknown to it (DeepSpeed ignores those silently).
+
+    ``train_batch_size`` is left out: DeepSpeed checks it against the world size of the process group,
+    which a caller may not have yet; :func:`_check_batch_and_precision` checks it against ours.
+    """
+    from deepspeed.runtime.config import DeepSpeedConfig
+
+    seen: set = set()
+    try:
+        DeepSpeedConfig(_ReadRecorder({k: v for k, v in ds.items() if k != "train_batch_size"}, seen))
+    except Exception as err:  # pydantic ValidationError, AssertionError, ValueError: all bad settings
+        raise ConfigError(f"DeepSpeed refuses the ds_config: {type(err).__name__}: {str(err)[:1500]}") from None
+    unknown = sorted(set(ds) - seen - {"train_batch_size"})
     if unknown:
         raise ConfigError(f"ds_config has unknown keys {unknown}: DeepSpeed would ignore them silently. "
                           f"Check the spelling against the DeepSpeed config reference")
 
 
-def validate(config: Config, ds: dict, world_size: int, bf16_supported: bool = True,
-             fp16_supported: bool = True) -> dict:
-    """Check our config and the ds_config together; return the ds_config with ``"auto"`` fields filled.
-
-    ``"auto"`` is accepted for ``train_batch_size`` (micro-batch x accumulation x world size), the
-    scheduler's ``total_num_steps`` (``train.steps``) and monitors' ``output_path`` (under the run dir).
-    """
-    moe, model, train = config.moe, config.model, config.train
-    _check_ds_keys(ds)
+def fill_auto(config: Config, ds: dict, world_size: int) -> dict:
+    """A copy of ``ds`` with ``"auto"`` resolved: ``train_batch_size`` (micro x accumulation x world),
+    the scheduler's ``total_num_steps`` (``train.steps``), monitors' ``output_path`` (under the run dir)."""
     ds = json.loads(json.dumps(ds))
     micro = ds.get("train_micro_batch_size_per_gpu")
-    accum = ds.get("gradient_accumulation_steps", 1)
-    if not isinstance(micro, int) or micro < 1:
+    if not isinstance(micro, int) or isinstance(micro, bool) or micro < 1:
         raise ConfigError(f"ds_config needs train_micro_batch_size_per_gpu as a positive integer, got {micro!r}")
     if ds.get("train_batch_size", "auto") == "auto":
-        ds["train_batch_size"] = micro * accum * world_size
+        ds["train_batch_size"] = micro * ds.get("gradient_accumulation_steps", 1) * world_size
+    scheduler = ds.get("scheduler", {}).get("params", {})
+    if scheduler.get("total_num_steps") == "auto":
+        scheduler["total_num_steps"] = config.train.steps
+    for monitor in ("tensorboard", "csv_monitor", "wandb", "comet"):
+        if ds.get(monitor, {}).get("output_path") == "auto":
+            ds[monitor]["output_path"] = str(Path(config.train.output_dir) / "monitor")
+    return ds
+
+
+def _check_batch_and_precision(ds: dict, world_size: int, bf16_supported: bool, fp16_supported: bool) -> None:
+    micro, accum = ds["train_micro_batch_size_per_gpu"], ds.get("gradient_accumulation_steps", 1)
     if ds["train_batch_size"] != micro * accum * world_size:
         raise ConfigError(f"ds_config train_batch_size {ds['train_batch_size']} != train_micro_batch_size_per_gpu "
                           f"{micro} x gradient_accumulation_steps {accum} x world size {world_size} "
@@ -258,21 +306,41 @@ def validate(config: Config, ds: dict, world_size: int, bf16_supported: bool = T
     if ds.get("fp16", {}).get("enabled") and not fp16_supported:
         raise ConfigError("ds_config enables fp16 but this accelerator has no fp16 support: "
                           "use ds_configs/cpu.json (fp32) or a bf16 config")
-    stage = ds.get("zero_optimization", {}).get("stage", 0)
-    if stage == 3 and moe_layer_indices(moe.placement, model.depth):
+
+
+def _check_parallel(config: Config, ds: dict, world_size: int) -> None:
+    moe, model = config.moe, config.model
+    if ds.get("zero_optimization", {}).get("stage", 0) == 3 and moe_layer_indices(moe.placement, model.depth):
         raise ConfigError("ZeRO stage 3 is not supported with DeepSpeed's native MoE layers (DeepSpeed refuses "
                           "it at initialize): use ZeRO stage 1 or 2, e.g. ds_configs/zero2_bf16.json")
-    scheduler = ds.get("scheduler", {}).get("params", {})
-    if scheduler.get("total_num_steps") == "auto":
-        scheduler["total_num_steps"] = train.steps
-    for monitor in ("tensorboard", "csv_monitor", "wandb", "comet"):
-        if ds.get(monitor, {}).get("output_path") == "auto":
-            ds[monitor]["output_path"] = str(Path(train.output_dir) / "monitor")
     if moe.ep_size < 1 or moe.num_experts % moe.ep_size:
         raise ConfigError(f"moe.num_experts {moe.num_experts} is not divisible by moe.ep_size {moe.ep_size}")
     if world_size % moe.ep_size:
         raise ConfigError(f"world size {world_size} is not divisible by moe.ep_size {moe.ep_size}: "
                           f"launch a multiple of {moe.ep_size} ranks or change moe.ep_size")
+
+
+# Settings that must be >= their bound; the message names the setting and the bound.
+_LOWER_BOUNDS = {"model.dim": 1, "model.depth": 1, "model.heads": 1, "model.seq_length": 1, "model.image_size": 1,
+                 "model.patch_size": 1, "model.channels": 1, "model.num_classes": 2, "model.mlp_ratio": 0,
+                 "model.dropout": 0, "moe.num_experts": 1, "moe.capacity_factor": 0, "moe.eval_capacity_factor": 0,
+                 "moe.min_capacity": 0, "moe.aux_loss_weight": 0, "moe.gs_weight": 0, "moe.sigma_steps": 1,
+                 "train.steps": 1, "train.eval_interval": 0, "train.eval_batches": 1, "train.save_interval": 0,
+                 "train.keep_last": 0, "train.log_interval": 1, "train.exit_after_steps": 0, "train.dist_timeout_s": 1}
+
+
+def _check_ranges(config: Config) -> None:
+    for name, bound in _LOWER_BOUNDS.items():
+        section, _, key = name.partition(".")
+        value = getattr(getattr(config, section), key)
+        if value is not None and value < bound:
+            raise ConfigError(f"{name} must be >= {bound}, got {value}")
+    if config.model.dropout >= 1:
+        raise ConfigError(f"model.dropout must be in [0, 1), got {config.model.dropout}")
+
+
+def _check_model(config: Config) -> None:
+    moe, model, train = config.moe, config.model, config.train
     if not 1 <= moe.top_k <= moe.num_experts:
         raise ConfigError(f"moe.top_k must be in [1, {moe.num_experts}], got {moe.top_k}")
     if model.dim % model.heads:
@@ -280,8 +348,6 @@ def validate(config: Config, ds: dict, world_size: int, bf16_supported: bool = T
     if model.kind == "vit" and model.image_size % model.patch_size:
         raise ConfigError(f"model.image_size {model.image_size} is not divisible by model.patch_size "
                           f"{model.patch_size}")
-    if train.steps < 1:
-        raise ConfigError(f"train.steps must be >= 1, got {train.steps}")
     if not set(train.final_eval) <= {"valid", "test"}:
         raise ConfigError(f"train.final_eval may list 'valid' and 'test', got {train.final_eval}")
     from moge_ds.topographic import check_map, default_map_shape
@@ -292,6 +358,47 @@ def validate(config: Config, ds: dict, world_size: int, bf16_supported: bool = T
     except ValueError as err:
         raise ConfigError(f"moe: {err}") from None
     moe_layer_indices(moe.placement, model.depth)
+
+
+def tokens_per_sample(model: ModelConfig) -> int:
+    """Tokens one sample sends through each MoE layer: the sequence, or the patches plus CLS."""
+    return model.seq_length if model.kind == "gpt" else (model.image_size // model.patch_size)**2 + 1
+
+
+def resolve_gs_lambda(config: Config, micro_batch: int) -> None:
+    """Set ``moe.gs_weight`` from the paper's ``moe.gs_lambda`` (tokens per MoE layer per micro-batch per rank)."""
+    moe = config.moe
+    if moe.gs_lambda is None:
+        return
+    from moge_ds.topographic import paper_lambda_to_gs_weight
+
+    if moe.gs_lambda < 0:
+        raise ConfigError(f"moe.gs_lambda must be >= 0, got {moe.gs_lambda}")
+    try:
+        weight = paper_lambda_to_gs_weight(moe.gs_lambda, moe.aux_loss_weight,
+                                           micro_batch * tokens_per_sample(config.model), moe.reduction)
+    except ValueError as err:
+        raise ConfigError(f"moe.gs_lambda: {err}") from None
+    # A saved config holds the resolved weight next to the lambda; anything else is two answers.
+    if moe.gs_weight not in (0.0, weight):
+        raise ConfigError(f"moe.gs_weight {moe.gs_weight} and moe.gs_lambda {moe.gs_lambda} are both set (the "
+                          f"lambda means gs_weight {weight:g} here): give one of them")
+    moe.gs_weight = weight
+
+
+def validate(config: Config, ds: dict, world_size: int, bf16_supported: bool = True,
+             fp16_supported: bool = True) -> dict:
+    """Check our config and the ds_config together; return the ds_config with ``"auto"`` fields filled.
+
+    Also resolves ``moe.gs_lambda`` into ``moe.gs_weight`` (see :func:`resolve_gs_lambda`).
+    """
+    _check_ranges(config)
+    _check_model(config)
+    ds = fill_auto(config, ds, world_size)
+    _check_batch_and_precision(ds, world_size, bf16_supported, fp16_supported)
+    _check_parallel(config, ds, world_size)
+    _check_with_deepspeed(ds)
+    resolve_gs_lambda(config, ds["train_micro_batch_size_per_gpu"])
     return ds
 
 

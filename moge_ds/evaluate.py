@@ -16,6 +16,7 @@ import torch
 from moge_ds.checkpoint import CheckpointError
 from moge_ds.config import ConfigError, apply_overrides
 from moge_ds.data.documents import DataError
+from moge_ds.distributed import single_process_group
 from moge_ds.export import load_export
 from moge_ds.tasks import build_task
 
@@ -39,7 +40,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batches", type=int, default=None, help="micro-batches to use (default: the whole split)")
     args = parser.parse_args(argv)
     try:
-        metrics = evaluate(args.export, args.split, tuple(args.set), args.micro_batch, args.batches)
+        with single_process_group():
+            metrics = evaluate(args.export, args.split, tuple(args.set), args.micro_batch, args.batches)
     except (CheckpointError, ConfigError, DataError) as err:
         parser.exit(2, f"error: {err}\n")
     print(json.dumps({"split": args.split, **metrics}))

@@ -11,17 +11,66 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import re
 import shutil
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_model, save_model
 
-from moge_ds.checkpoint import CheckpointError, checkpoint_dir, consolidated_state_dict, load_weights, read_state
+from moge_ds.checkpoint import STATE_FILE, CheckpointError, complete_tags, read_state
 from moge_ds.config import Config, ConfigError, config_from_dict
 from moge_ds.models import build_model
 
 MODEL_FILE = "model.safetensors"
+
+_EXPERT_FILE = re.compile(r"^layer_(\d+)_expert_(\d+)_mp_rank_00_model_states\.pt$")
+
+
+def checkpoint_dir(path: Path) -> Path:
+    """A tag directory: ``path`` itself, or the newest complete one under a checkpoints root."""
+    if not path.exists():
+        raise CheckpointError(f"checkpoint path {path} does not exist")
+    if (path / STATE_FILE).is_file():
+        return path
+    tags = complete_tags(path)
+    if not tags:
+        raise CheckpointError(f"{path} holds no complete moge-ds checkpoint (no step<N>/{STATE_FILE})")
+    return path / tags[-1]
+
+
+def consolidated_state_dict(tag_dir: Path) -> dict[str, torch.Tensor]:
+    """The whole model's weights from one checkpoint, experts under their *global* index.
+
+    DeepSpeed stores non-expert weights in ``mp_rank_00_model_states.pt`` and each expert in its
+    own ``layer_<L>_expert_<global>_...`` file (keys already name the global index), whatever the
+    expert-parallel size, so the result loads into a model built with ``ep_size=1``.
+    """
+    main_file = tag_dir / "mp_rank_00_model_states.pt"
+    if not main_file.is_file():
+        raise CheckpointError(f"{main_file} is missing: not a DeepSpeed checkpoint directory")
+    try:
+        weights = dict(torch.load(main_file, map_location="cpu", weights_only=True)["module"])
+        for file in sorted(tag_dir.iterdir()):
+            if _EXPERT_FILE.match(file.name):
+                weights.update(torch.load(file, map_location="cpu", weights_only=True))
+    except (RuntimeError, EOFError, KeyError) as err:
+        raise CheckpointError(f"cannot read {tag_dir}: {type(err).__name__}: {err} (truncated or not a "
+                              f"checkpoint?)") from None
+    return {k: v.float() if v.is_floating_point() else v for k, v in weights.items()}
+
+
+def load_weights(model: torch.nn.Module, weights: dict[str, torch.Tensor], source: str) -> None:
+    """``load_state_dict`` with a clear error naming ``source`` and the mismatch."""
+    own = model.state_dict()
+    missing = sorted(set(own) - set(weights))
+    unexpected = sorted(set(weights) - set(own))
+    shapes = [f"{k}: checkpoint {tuple(weights[k].shape)} vs model {tuple(own[k].shape)}"
+              for k in own if k in weights and weights[k].shape != own[k].shape]
+    if missing or unexpected or shapes:
+        raise CheckpointError(f"{source} does not match this model: {len(missing)} missing (e.g. {missing[:3]}), "
+                              f"{len(unexpected)} unexpected (e.g. {unexpected[:3]}), shape mismatches {shapes[:3]}")
+    model.load_state_dict(weights)
 
 
 def _standalone(config: Config) -> Config:
@@ -34,12 +83,11 @@ def export(checkpoint: Path, out: Path) -> Path:
     tag_dir = checkpoint_dir(checkpoint)
     state = read_state(tag_dir)
     config = _standalone(config_from_dict(state["config"]))
-    vocab_size = None
+    weights = consolidated_state_dict(tag_dir)
     if config.model.kind == "gpt":
-        vocab_size = config.model.vocab_size or consolidated_state_dict(tag_dir)["embed.weight"].shape[0]
-        config.model.vocab_size = vocab_size
-    model = build_model(config, vocab_size)
-    load_weights(model, consolidated_state_dict(tag_dir), str(tag_dir))
+        config.model.vocab_size = config.model.vocab_size or weights["embed.weight"].shape[0]
+    model = build_model(config, config.model.vocab_size)
+    load_weights(model, weights, str(tag_dir))
     out.mkdir(parents=True, exist_ok=True)
     tmp = out / (MODEL_FILE + ".tmp")
     save_model(model, str(tmp))

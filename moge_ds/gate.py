@@ -31,7 +31,12 @@ class MoGEGate(TopKGate):
         sigma: a fixed kernel width, or a :class:`SigmaSchedule` advanced by :meth:`set_step`.
 
     After each forward, ``last_load_balance_loss`` and ``last_group_sparsity_loss`` hold the
-    detached terms for logging (the latter is None when ``gs_weight == 0``).
+    detached terms for logging (the latter is None when ``gs_weight == 0``), and ``last_scores``
+    the detached noise-free softmax ``[T, E]`` for the topography metrics.
+
+    ``forward`` follows DeepSpeed 0.19.8's ``TopKGate.forward`` line for line (timers, fp32
+    logits, jitter, the three gating functions); whoever upgrades DeepSpeed re-checks it against
+    the new ``TopKGate.forward`` (``tests/test_gate.py`` compares the two bit for bit).
     """
 
     def __init__(self,
@@ -52,7 +57,7 @@ class MoGEGate(TopKGate):
                  sigma: Union[float, SigmaSchedule] = 1.0,
                  stride: int = 1,
                  padding: Padding = "valid",
-                 reduction: Reduction = "sum") -> None:
+                 reduction: Reduction = "mean") -> None:
         super().__init__(model_dim, num_experts, k, capacity_factor, eval_capacity_factor, min_capacity,
                          noisy_gate_policy, drop_tokens, use_rts, ep_group, top2_2nd_expert_sampling)
         if not 1 <= k <= num_experts:
@@ -76,6 +81,7 @@ class MoGEGate(TopKGate):
         self._pooling_key: Optional[tuple] = None
         self.last_load_balance_loss: Optional[torch.Tensor] = None
         self.last_group_sparsity_loss: Optional[torch.Tensor] = None
+        self.last_scores: Optional[torch.Tensor] = None
 
     def set_step(self, step: int) -> None:
         """Move the sigma schedule (if any) to training step ``step``."""
@@ -104,11 +110,12 @@ class MoGEGate(TopKGate):
         weight = self.wg.weight.float()
         jitter = self.noisy_gate_policy == 'Jitter' and self.training
         logits = F.linear(multiplicative_jitter(input_fp32, device=input.device) if jitter else input_fp32, weight)
-        scores = None
-        if self.gs_weight > 0:
-            # The regulariser sees noise-free scores: with input jitter that takes a second, clean
-            # matmul. top2gating adds Gumbel noise to the logits in place, so softmax before routing.
+        # The regulariser and the topography metrics see noise-free scores: with input jitter that
+        # takes a second, clean matmul. top2gating adds Gumbel noise to the logits in place, so
+        # softmax before routing. Vanilla MoE (gs_weight 0) builds no graph for them.
+        with torch.set_grad_enabled(torch.is_grad_enabled() and self.gs_weight > 0):
             scores = F.softmax(F.linear(input_fp32, weight) if jitter else logits, dim=1)
+        self.last_scores = scores.detach()
 
         capacity_factor = self.capacity_factor if self.training else self.eval_capacity_factor
         if self.k == 1:
@@ -124,7 +131,7 @@ class MoGEGate(TopKGate):
 
         load_balance_loss = gate_output[0]
         self.last_load_balance_loss = load_balance_loss.detach()
-        if scores is not None:
+        if self.gs_weight > 0:
             if used_token is not None:
                 scores = scores * used_token.unsqueeze(1).to(scores.dtype)
             gs_loss = pooled_group_sparsity(scores, self.pooling(scores.device), self.reduction)

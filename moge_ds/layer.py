@@ -46,7 +46,7 @@ class MoGE(MoE):
                  sigma: Union[float, SigmaSchedule] = 1.0,
                  stride: int = 1,
                  padding: Padding = "valid",
-                 reduction: Reduction = "sum") -> None:
+                 reduction: Reduction = "mean") -> None:
         if num_experts < 1 or ep_size < 1 or num_experts % ep_size:
             raise ValueError(f"num_experts ({num_experts}) must be a positive multiple of ep_size ({ep_size})")
         if not 1 <= k <= num_experts:

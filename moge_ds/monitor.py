@@ -14,12 +14,15 @@ from deepspeed.moe.sharded_moe import MOELayer
 from tqdm import tqdm
 
 from moge_ds.gate import moge_gates
+from moge_ds.topographic import map_neighbours, top2_neighbour_rate
 
 log = logging.getLogger("moge_ds")
 
 
 def gate_terms(model: torch.nn.Module) -> dict[str, float]:
-    """Mean over MoE layers of the last load-balance and group-sparsity losses, and the current sigma."""
+    """This rank's last forward: the mean over MoE layers of the load-balance and group-sparsity
+    losses, the current sigma, and per layer how often a token's top-2 noise-free scores are map
+    neighbours (``top2_neighbour_rate/layer{i}``, next to its chance level)."""
     gates = moge_gates(model)
     if not gates:
         return {}
@@ -27,10 +30,16 @@ def gate_terms(model: torch.nn.Module) -> dict[str, float]:
              "sigma": gates[0].sigma}
     if gates[0].last_group_sparsity_loss is not None:
         terms["group_sparsity_loss"] = sum(g.last_group_sparsity_loss.item() for g in gates) / len(gates)
+    for i, gate in enumerate(gates):
+        if gate.last_scores is not None and gate.last_scores.shape[1] > 2:
+            neighbours = map_neighbours(gate.map_shape, gate.padding == "circular").to(gate.last_scores.device)
+            rate, chance = top2_neighbour_rate(gate.last_scores, neighbours)
+            terms[f"top2_neighbour_rate/layer{i}"] = rate
+            terms["top2_neighbour_chance"] = chance
     return terms
 
 
-def expert_load(model: torch.nn.Module) -> list[torch.Tensor]:
+def gather_expert_load(model: torch.nn.Module) -> list[torch.Tensor]:
     """Per MoE layer, the fraction of routed tokens each expert received in the last forward, over all ranks.
 
     Collective: every rank must call it.
@@ -68,7 +77,7 @@ class RunLog:
         self._window_items += items
 
     def step(self, step: int, scalars: dict[str, float], loads: list[torch.Tensor] | None) -> None:
-        """Record ``scalars`` for ``step``; ``loads`` (from :func:`expert_load`) adds per-layer CV."""
+        """Record ``scalars`` for ``step``; ``loads`` (from :func:`gather_expert_load`) adds per-layer CV."""
         elapsed = time.perf_counter() - self._window_start
         world = dist.get_world_size() if dist.is_initialized() else 1
         scalars = dict(scalars)

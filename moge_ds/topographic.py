@@ -103,7 +103,7 @@ def pooling_matrix(map_shape: tuple[int, int],
     return matrix.to(dtype=dtype, device=device)
 
 
-def pooled_group_sparsity(scores: torch.Tensor, pooling: torch.Tensor, reduction: Reduction = "sum") -> torch.Tensor:
+def pooled_group_sparsity(scores: torch.Tensor, pooling: torch.Tensor, reduction: Reduction = "mean") -> torch.Tensor:
     """The group-sparsity loss given a precomputed ``pooling_matrix``.
 
     Args:
@@ -128,8 +128,11 @@ def group_sparsity_loss(scores: torch.Tensor,
                         sigma: float = 1.0,
                         stride: int = 1,
                         padding: Padding = "valid",
-                        reduction: Reduction = "sum") -> torch.Tensor:
+                        reduction: Reduction = "mean") -> torch.Tensor:
     """MoGE's group-sparsity loss (not multiplied by lambda).
+
+    ``reduction="sum"`` is the paper's form (summed over the T tokens, so its weight depends on
+    the batch); ``"mean"`` divides by T (see :func:`paper_lambda_to_gs_weight`).
 
     Args:
         scores: ``[T, E]`` softmax of the noise-free router logits.
@@ -142,6 +145,48 @@ def group_sparsity_loss(scores: torch.Tensor,
     check_map(scores.shape[1], map_shape, window_size, stride, padding)
     pooling = pooling_matrix(map_shape, window_size, sigma, stride, padding, scores.dtype, scores.device)
     return pooled_group_sparsity(scores, pooling, reduction)
+
+
+def paper_lambda_to_gs_weight(paper_lambda: float, aux_loss_weight: float, tokens: int,
+                               reduction: Reduction) -> float:
+    """The ``gs_weight`` that gives the paper's gradient for a token-summed weight ``paper_lambda``.
+
+    The paper adds ``lambda * sum_t(...)`` over the ``tokens`` routed through a layer in one
+    forward on one rank; a trainer that adds ``aux_loss_weight * gs_weight * loss(reduction)``
+    matches it when ``aux_loss_weight * gs_weight = lambda * tokens`` (``"mean"``) or
+    ``= lambda`` (``"sum"``).
+    """
+    if aux_loss_weight <= 0:
+        raise ValueError(f"a paper lambda needs aux_loss_weight > 0 (it scales gs_weight), got {aux_loss_weight}")
+    per_token = paper_lambda / aux_loss_weight
+    return per_token * tokens if reduction == "mean" else per_token
+
+
+def map_neighbours(map_shape: tuple[int, int], circular: bool = False) -> torch.Tensor:
+    """``[E, E]`` bool: experts one step apart on the map (8-neighbourhood, the 3x3 window), self excluded.
+
+    ``circular`` wraps both axes (the torus that circular padding pools over).
+    """
+    rows, cols = map_shape
+    r = torch.arange(rows * cols) // cols
+    c = torch.arange(rows * cols) % cols
+    dr = (r[:, None] - r[None, :]).abs()
+    dc = (c[:, None] - c[None, :]).abs()
+    if circular:
+        dr, dc = torch.minimum(dr, rows - dr), torch.minimum(dc, cols - dc)
+    return (dr <= 1) & (dc <= 1) & ~torch.eye(rows * cols, dtype=torch.bool)
+
+
+def top2_neighbour_rate(scores: torch.Tensor, neighbours: torch.Tensor) -> tuple[float, float]:
+    """How often a token's two highest ``scores`` ``[T, E]`` are map neighbours, and that rate by chance.
+
+    Chance is the share of neighbour pairs among all pairs of distinct experts: what a router
+    with no topographic order gets.
+    """
+    top2 = scores.topk(2, dim=-1).indices
+    rate = neighbours[top2[:, 0], top2[:, 1]].double().mean().item()
+    e = neighbours.shape[0]
+    return rate, neighbours.sum().item() / (e * (e - 1))
 
 
 @dataclass

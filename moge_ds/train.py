@@ -1,10 +1,12 @@
 """Train a GPT or ViT with MoE/MoGE layers on DeepSpeed.
 
-    deepspeed --num_gpus 2 -m moge_ds.train --config configs/gpt_tiny_moge.yaml \
+    deepspeed --num_gpus 2 --module moge_ds.train --config configs/gpt_tiny.yaml \\
         --deepspeed_config ds_configs/cpu.json [--set train.steps=500 moe.gs_weight=0.3] [--resume]
 
-parse -> validate (our config x ds_config x world size) -> data -> model -> deepspeed.initialize
--> loop (sigma schedule, eval, checkpoints, logging) -> metrics.json + loss-curve PNG.
+:func:`main` parses and validates (our config x ds_config x world size), then a :class:`Trainer`
+builds data, model and engine, runs :meth:`Trainer.train` (sigma schedule, evaluation,
+checkpoints, logging), :meth:`Trainer.finish` (whole-split evaluation, metrics.json, loss-curve
+PNG) and :meth:`Trainer.close`.
 """
 
 from __future__ import annotations
@@ -25,11 +27,11 @@ from deepspeed.accelerator import get_accelerator
 from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
 
 from moge_ds import checkpoint
-from moge_ds.config import ConfigError, load_config, load_ds_config, validate
+from moge_ds.config import Config, ConfigError, load_config, load_ds_config, validate
 from moge_ds.data.documents import DataError
 from moge_ds.gate import set_sigma_step
 from moge_ds.models import build_model
-from moge_ds.monitor import RunLog, expert_load, gate_terms, plot_loss_curve, read_history
+from moge_ds.monitor import RunLog, gate_terms, gather_expert_load, plot_loss_curve, read_history
 from moge_ds.tasks import build_task
 
 log = logging.getLogger("moge_ds")
@@ -38,7 +40,7 @@ log = logging.getLogger("moge_ds")
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="moge_ds.train", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", help="our preset (YAML/JSON), e.g. configs/gpt_tiny_moge.yaml")
+    parser.add_argument("--config", help="our preset (YAML/JSON), e.g. configs/gpt_tiny.yaml")
     parser.add_argument("--deepspeed_config", required=True, help="DeepSpeed JSON, e.g. ds_configs/cpu.json")
     parser.add_argument("--set", nargs="*", default=[], metavar="SECTION.FIELD=VALUE", help="override our config")
     parser.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint")
@@ -46,145 +48,203 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def exit_with_error(rank: int, kind: str, err: Exception) -> None:
-    """Bad input found before training: one message (from rank 0), exit status 2, nothing written."""
-    if rank == 0:
-        print(f"moge_ds.train: {kind} error: {err}", file=sys.stderr)
-    sys.exit(2)
+class InputError(Exception):
+    """Bad input found before training; ``kind`` says which (config, data, checkpoint)."""
+
+    def __init__(self, kind: str, err: Exception):
+        super().__init__(f"{kind} error: {err}")
 
 
-def main(argv: list[str] | None = None) -> dict:
-    args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    accelerator = get_accelerator()
-    # Before torch.distributed is up, the launcher's RANK says who reports errors (mpirun: all do).
-    rank = int(os.environ.get("RANK", 0))
+def setup(args: argparse.Namespace) -> tuple[Config, dict]:
+    """Our config and the ds_config, validated together after torch.distributed is up."""
     try:
         config = load_config(args.config, tuple(args.set))
-        if args.resume:
-            config.train.resume = True
     except ConfigError as err:
-        exit_with_error(rank, "config", err)
+        raise InputError("config", err) from None
+    config.train.resume = config.train.resume or args.resume
     # mpirun starts ranks without RANK/MASTER_ADDR: DeepSpeed then discovers them through mpi4py.
+    accelerator = get_accelerator()
     deepspeed.init_distributed(dist_backend=accelerator.communication_backend_name(),
                                distributed_port=int(os.environ.get("MASTER_PORT", 29500)),
                                timeout=timedelta(seconds=config.train.dist_timeout_s))
-    rank, world = dist.get_rank(), dist.get_world_size()
     try:
-        ds_config = validate(config, load_ds_config(args.deepspeed_config), world,
+        ds_config = validate(config, load_ds_config(args.deepspeed_config), dist.get_world_size(),
                              accelerator.is_bf16_supported(), bool(accelerator.is_fp16_supported()))
     except ConfigError as err:
-        exit_with_error(rank, "config", err)
-    train, moe = config.train, config.moe
-    out = Path(train.output_dir)
-    if rank == 0:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "config.json").write_text(json.dumps({"config": config.to_dict(), "ds_config": ds_config}, indent=1))
-    device = torch.device(accelerator.device_name(), args.local_rank) if accelerator.device_name() != "cpu" \
-        else torch.device("cpu")
-    micro, accum = ds_config["train_micro_batch_size_per_gpu"], ds_config.get("gradient_accumulation_steps", 1)
+        raise InputError("config", err) from None
+    return config, ds_config
 
-    try:
-        task = build_task(config, micro, rank, world, train.steps * accum, device)
-    except (DataError, ValueError) as err:
-        exit_with_error(rank, "data", err)
-    model = build_model(config, getattr(task, "vocab_size", None), ep_rank=rank % moe.ep_size)
-    param_groups = split_params_into_different_moe_groups_for_optimizer(
-        {"params": [p for p in model.parameters() if p.requires_grad], "name": "parameters"})
-    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=param_groups, config=ds_config)
 
-    start_step = consumed = 0
-    ckpt_root = out / "checkpoints"
-    if train.resume:
+class Trainer:
+    """One training run: the task, the DeepSpeed engine and the position (step, consumed samples)."""
+
+    def __init__(self, config: Config, ds_config: dict, local_rank: int = 0):
+        self.config, self.ds_config = config, ds_config
+        self.rank, self.world = dist.get_rank(), dist.get_world_size()
+        self.micro = ds_config["train_micro_batch_size_per_gpu"]
+        self.accum = ds_config.get("gradient_accumulation_steps", 1)
+        accelerator = get_accelerator()
+        self.device = torch.device("cpu") if accelerator.device_name() == "cpu" else \
+            torch.device(accelerator.device_name(), local_rank)
+        self.out = Path(config.train.output_dir)
+        self.ckpt_root = self.out / "checkpoints"
         try:
-            state = checkpoint.resume(engine, ckpt_root, world, moe.ep_size)
+            self.task = build_task(config, self.micro, self.rank, self.world, config.train.steps * self.accum,
+                                   self.device)
+        except (DataError, ValueError) as err:
+            raise InputError("data", err) from None
+        self.engine = self._build_engine()
+        self.step = self.start_step = self.consumed = 0
+        self.started = time.perf_counter()
+        if config.train.resume:
+            self.resume()
+        if self.rank == 0:
+            self.out.mkdir(parents=True, exist_ok=True)
+            (self.out / "config.json").write_text(json.dumps({"config": config.to_dict(), "ds_config": ds_config},
+                                                             indent=1))
+        self.run_log = RunLog(self.out, config.train.steps, self.start_step, self.task.unit, self.engine)
+
+    def _build_engine(self):
+        config = self.config
+        model = build_model(config, getattr(self.task, "vocab_size", None), ep_rank=self.rank % config.moe.ep_size)
+        param_groups = split_params_into_different_moe_groups_for_optimizer(
+            {"params": [p for p in model.parameters() if p.requires_grad], "name": "parameters"})
+        engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=param_groups, config=self.ds_config)
+        if self.rank == 0:
+            log.info("model %s: %.2fM parameters on this rank; %d ranks, ep_size %d, gs_weight %g, %d steps",
+                     config.model.kind, sum(p.numel() for p in model.parameters()) / 1e6, self.world,
+                     config.moe.ep_size, config.moe.gs_weight, config.train.steps)
+        return engine
+
+    def resume(self) -> None:
+        """Continue from the newest complete checkpoint, if there is one."""
+        try:
+            state = checkpoint.resume(self.engine, self.ckpt_root, self.world, self.config.moe.ep_size)
         except checkpoint.CheckpointError as err:
-            exit_with_error(rank, "checkpoint", err)
-        if state is not None:
-            start_step, consumed = state["step"], state["consumed_samples"]
-            if rank == 0:
-                log.info("resumed from %s at step %d", ckpt_root / checkpoint.tag_for(start_step), start_step)
-        elif rank == 0:
-            log.info("no complete checkpoint under %s: starting from scratch", ckpt_root)
+            raise InputError("checkpoint", err) from None
+        if state is None:
+            if self.rank == 0:
+                log.info("no complete checkpoint under %s: starting from scratch", self.ckpt_root)
+            return
+        self.step = self.start_step = state["step"]
+        self.consumed = state["consumed_samples"]
+        if self.rank == 0:
+            log.info("resumed from %s at step %d", self.ckpt_root / checkpoint.tag_for(self.step), self.step)
 
-    run_log = RunLog(out, train.steps, start_step, task.unit, engine)
-    if rank == 0:
-        n_params = sum(p.numel() for p in model.parameters())
-        log.info("model %s: %.2fM parameters on this rank; %d ranks, ep_size %d, gs_weight %g, %d steps",
-                 config.model.kind, n_params / 1e6, world, moe.ep_size, moe.gs_weight, train.steps)
-
-    def evaluate(step: int, split: str, batches: int | None = train.eval_batches) -> dict[str, float]:
-        engine.eval()
-        metrics = task.evaluate(engine, split, batches)
-        engine.train()
-        run_log.eval(step, split, metrics)
-        return metrics
-
-    def save(step: int) -> None:
-        state = {"step": step, "consumed_samples": consumed, "world_size": world, "ep_size": moe.ep_size,
-                 "config": config.to_dict()}
-        checkpoint.save(engine, ckpt_root, step, state, train.keep_last)
-
-    started = time.perf_counter()
-    engine.train()
-    for step in range(start_step, train.steps):
-        set_sigma_step(engine.module, step)
-        # Summed as tensors; read (a device sync) only when logging.
-        task_loss_sum = aux_sum = torch.zeros((), device=device)
-        for _ in range(accum):
-            batch = task.train_batch(consumed)
-            consumed += micro * world
-            task_loss, l_aux, items = task.loss(engine, batch)
-            loss = task_loss + moe.aux_loss_weight * l_aux
-            engine.backward(loss)
-            engine.step()
+    def train_step(self) -> dict[str, torch.Tensor]:
+        """One optimizer step over ``accum`` micro-batches; the mean losses, as tensors (read when logged)."""
+        set_sigma_step(self.engine.module, self.step)
+        task_loss_sum = aux_sum = torch.zeros((), device=self.device)
+        for _ in range(self.accum):
+            batch = self.task.train_batch(self.consumed)
+            self.consumed += self.micro * self.world
+            task_loss, l_aux, items = self.task.loss(self.engine, batch)
+            self.engine.backward(task_loss + self.config.moe.aux_loss_weight * l_aux)
+            self.engine.step()
             task_loss_sum = task_loss_sum + task_loss.detach()
             aux_sum = aux_sum + l_aux.detach()
-            run_log.count(items)
-        done = step + 1
-        if done % train.log_interval == 0 or done == train.steps:
-            task_loss_mean, aux_mean = task_loss_sum.item() / accum, aux_sum.item() / accum
-            scalars = {"task_loss": task_loss_mean, "l_aux": aux_mean,
-                       "loss": task_loss_mean + moe.aux_loss_weight * aux_mean,
-                       "lr": engine.get_lr()[0], **gate_terms(engine.module)}
-            run_log.step(done, scalars, expert_load(engine.module))
-        run_log.advance()
-        if train.eval_interval and done % train.eval_interval == 0 and done != train.steps:
-            evaluate(done, "valid")
-        exiting = train.exit_after_steps and done - start_step == train.exit_after_steps and done != train.steps
-        if exiting or (train.save_interval and done % train.save_interval == 0 and done != train.steps):
-            save(done)
-        if exiting:
-            run_log.close()
-            if rank == 0:
-                print(f"exiting after {train.exit_after_steps} steps at step {done}; continue with --resume")
-            return {}
-    run_log.close()
+            self.run_log.count(items)
+        self.step += 1
+        return {"task_loss": task_loss_sum / self.accum, "l_aux": aux_sum / self.accum}
 
-    # The final numbers cover the whole held-out splits.
-    metrics = {split: evaluate(train.steps, split, None) for split in train.final_eval}
-    if start_step < train.steps:
-        save(train.steps)
-    if rank == 0:
-        history = read_history(out / "history.jsonl")
-        summary = {"steps": train.steps, "wall_seconds": time.perf_counter() - started, "world_size": world,
+    def log_step(self, losses: dict[str, torch.Tensor]) -> None:
+        """Record the step's losses, the gate terms and the expert load (a collective: all ranks call it)."""
+        task_loss, l_aux = losses["task_loss"].item(), losses["l_aux"].item()
+        scalars = {"task_loss": task_loss, "l_aux": l_aux,
+                   "loss": task_loss + self.config.moe.aux_loss_weight * l_aux,
+                   "lr": self.engine.get_lr()[0], **gate_terms(self.engine.module)}
+        self.run_log.step(self.step, scalars, gather_expert_load(self.engine.module))
+
+    def evaluate(self, split: str, batches: int | None) -> dict[str, float]:
+        self.engine.eval()
+        metrics = self.task.evaluate(self.engine, split, batches)
+        self.engine.train()
+        self.run_log.eval(self.step, split, metrics)
+        return metrics
+
+    def save(self) -> None:
+        state = {"step": self.step, "consumed_samples": self.consumed, "world_size": self.world,
+                 "ep_size": self.config.moe.ep_size, "config": self.config.to_dict()}
+        checkpoint.save(self.engine, self.ckpt_root, self.step, state, self.config.train.keep_last)
+
+    def train(self) -> bool:
+        """Run to ``train.steps``; False if ``train.exit_after_steps`` stopped it early (saved, resumable)."""
+        train = self.config.train
+        self.started = time.perf_counter()
+        self.engine.train()
+        while self.step < train.steps:
+            losses = self.train_step()
+            last = self.step == train.steps
+            if self.step % train.log_interval == 0 or last:
+                self.log_step(losses)
+            self.run_log.advance()
+            if last:
+                break
+            if train.eval_interval and self.step % train.eval_interval == 0:
+                self.evaluate("valid", train.eval_batches)
+            exiting = bool(train.exit_after_steps) and self.step - self.start_step == train.exit_after_steps
+            if exiting or (train.save_interval and self.step % train.save_interval == 0):
+                self.save()
+            if exiting:
+                if self.rank == 0:
+                    print(f"exiting after {train.exit_after_steps} steps at step {self.step}; continue with --resume")
+                return False
+        return True
+
+    def finish(self) -> dict[str, dict[str, float]]:
+        """Evaluate the whole held-out splits, save, and write metrics.json and the loss curve."""
+        self.run_log.close()
+        metrics = {split: self.evaluate(split, None) for split in self.config.train.final_eval}
+        if self.start_step < self.config.train.steps:
+            self.save()
+        if self.rank == 0:
+            self._write_summary(metrics, time.perf_counter() - self.started)
+        return metrics
+
+    def _write_summary(self, metrics: dict, wall_seconds: float) -> None:
+        config, moe = self.config, self.config.moe
+        history = read_history(self.out / "history.jsonl")
+        summary = {"steps": config.train.steps, "wall_seconds": wall_seconds, "world_size": self.world,
                    "gs_weight": moe.gs_weight, "num_experts": moe.num_experts, "top_k": moe.top_k,
                    "final_train": next((r for r in reversed(history) if "split" not in r), {}), **metrics}
-        (out / "metrics.json").write_text(json.dumps(summary, indent=1))
-        plot_loss_curve(history, out / "loss_curve.png",
-                        f"{config.model.kind} {'MoGE' if moe.gs_weight > 0 else 'MoE'} E={moe.num_experts} "
-                        f"k={moe.top_k}")
-        print(f"done: {out}/metrics.json, {out}/loss_curve.png, checkpoints in {ckpt_root}")
+        (self.out / "metrics.json").write_text(json.dumps(summary, indent=1))
+        arm = "MoGE" if moe.gs_weight > 0 else "MoE"
+        plot_loss_curve(history, self.out / "loss_curve.png",
+                        f"{config.model.kind} {arm} E={moe.num_experts} k={moe.top_k}")
+        print(f"done: {self.out}/metrics.json, {self.out}/loss_curve.png, checkpoints in {self.ckpt_root}")
         print(json.dumps(metrics))
-    dist.barrier()
+
+    def close(self) -> None:
+        """Close the progress bar and wait for every rank (no rank exits while another still saves)."""
+        self.run_log.close()
+        dist.barrier()
+
+
+def main(argv: list[str] | None = None) -> dict:
+    """Train; the final metrics per split ({} when stopped early by ``train.exit_after_steps``)."""
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    try:
+        config, ds_config = setup(args)
+        trainer = Trainer(config, ds_config, args.local_rank)
+    except InputError as err:
+        # Before torch.distributed is up, the launcher's RANK says who reports (mpirun: all do).
+        rank = dist.get_rank() if dist.is_initialized() else int(os.environ.get("RANK", 0))
+        if rank == 0:
+            print(f"moge_ds.train: {err}", file=sys.stderr)
+        sys.exit(2)
+    metrics = trainer.finish() if trainer.train() else {}
+    trainer.close()
     return metrics
 
 
 def cli() -> None:
     """``python -m moge_ds.train``: train, then shut the process group down cleanly (gloo aborts otherwise)."""
-    main()
-    if dist.is_initialized():
-        dist.destroy_process_group()
+    try:
+        main()
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -11,8 +11,7 @@ import torch
 
 from moge_ds.checkpoint import STATE_FILE, complete_tags
 from moge_ds.export import export, load_export
-from tests.launching import BIN, REPO, free_port, launch_deepspeed
-from tests.test_train import train, workspace  # noqa: F401  (shared fixture)
+from tests.launching import BIN, REPO, free_port, launch_deepspeed, train
 
 pytestmark = pytest.mark.slow
 
@@ -21,13 +20,13 @@ MODEL = ["model.kind=gpt", "model.dim=32", "model.depth=2", "model.heads=2", "mo
          "moe.gs_weight=1.0", "moe.drop_tokens=false"]
 
 
-def saved_run(workspace, name, nproc, ep):  # noqa: F811
+def saved_run(workspace, name, nproc, ep):
     out, _ = train(workspace, name, "train.steps=2", f"moe.ep_size={ep}", "moe.drop_tokens=false",
                    "model.vocab_size=300", nproc=nproc)
     return out / "checkpoints"
 
 
-def load_into(workspace, checkpoints, nproc, ep, tmp_path):  # noqa: F811
+def load_into(workspace, checkpoints, nproc, ep, tmp_path):
     out = tmp_path / f"load_{nproc}_{ep}"
     out.mkdir()
     result = launch_deepspeed([str(REPO / "tests/dist/reshard_check.py"), "--checkpoints", str(checkpoints), "--ds",
@@ -46,7 +45,7 @@ def reference_logits(checkpoints, tmp_path):
 
 @pytest.mark.parametrize("saved, loaded", [((2, 2), (1, 1)), ((2, 2), (2, 1)), ((1, 1), (2, 2))],
                          ids=["2x2->1x1", "2x2->2x1", "1x1->2x2"])
-def test_reshard_gives_identical_outputs(workspace, tmp_path, saved, loaded):  # noqa: F811
+def test_reshard_gives_identical_outputs(workspace, tmp_path, saved, loaded):
     checkpoints = saved_run(workspace, f"saved_{saved[0]}_{saved[1]}", *saved)
     want = reference_logits(checkpoints, tmp_path)
     got, result, proc = load_into(workspace, checkpoints, *loaded, tmp_path)
@@ -55,7 +54,7 @@ def test_reshard_gives_identical_outputs(workspace, tmp_path, saved, loaded):  #
     assert "resetting the optimizer state" in proc.stdout + proc.stderr
 
 
-def test_kill_during_saves_never_leaves_latest_incomplete(workspace, tmp_path):  # noqa: F811
+def test_kill_during_saves_never_leaves_latest_incomplete(workspace, tmp_path):
     out = tmp_path / "killed"
     args = ["--module", "moge_ds.train", "--config", str(REPO / "configs/gpt_tiny.yaml"), "--deepspeed_config",
             str(workspace / "ds.json"), "--set", "model.dim=32", "model.depth=2", "model.heads=2",
@@ -84,7 +83,7 @@ def test_kill_during_saves_never_leaves_latest_incomplete(workspace, tmp_path): 
     assert f"resumed from {root / latest}" in resumed.stdout + resumed.stderr
 
 
-def test_resume_into_another_model_shape_is_refused(workspace, tmp_path):  # noqa: F811
+def test_resume_into_another_model_shape_is_refused(workspace, tmp_path):
     checkpoints = saved_run(workspace, "shape_src", 2, 2)
     with pytest.raises(AssertionError) as failure:
         train(workspace, "shape_src", "train.steps=4", "model.dim=48", "moe.drop_tokens=false",

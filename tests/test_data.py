@@ -3,7 +3,6 @@
 import gzip
 import json
 import struct
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,29 +13,6 @@ from moge_ds.data.images import augment, read_idx, rotate, shift
 from moge_ds.data.preprocess import preprocess
 from moge_ds.data.text import build_text_splits, check_indexed_dataset, lm_batch
 from moge_ds.data.tokenizer import Tokenizer, train_tokenizer
-
-WORDS = ("expert router token group sparse map shift invariant layer gate softmax capacity energy kernel "
-         "sigma neighbour topographic feature dictionary code").split()
-
-
-def make_corpus(root: Path, docs: int = 40, seed: int = 0) -> list[str]:
-    rng = np.random.default_rng(seed)
-    texts = []
-    for d in range(docs):
-        lines = [" ".join(rng.choice(WORDS, size=rng.integers(5, 15))) + "." for _ in range(rng.integers(3, 8))]
-        texts.append("\n".join(lines) + "\n")
-        (root / f"doc{d:03d}.txt").write_text(texts[-1], encoding="utf-8")
-    return texts
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    root = tmp_path_factory.mktemp("corpus")
-    texts = make_corpus(root)
-    spec = SourceSpec((str(root / "*.txt"), ))
-    tok = train_tokenizer(spec, str(root / "tok"), vocab_size=300, input_sentence_size=0)
-    return root, texts, spec, tok
-
 
 def test_round_trip_and_special_ids(corpus):
     _, texts, _, tok = corpus
@@ -88,22 +64,11 @@ def test_jsonl_and_parquet_inputs(corpus, tmp_path):
     assert list(iter_documents(spec)) == texts[:7]
 
 
-@pytest.fixture(scope="module")
-def two_datasets(corpus, tmp_path_factory):
-    root, _, spec, tok = corpus
-    out = tmp_path_factory.mktemp("indexed")
-    other = tmp_path_factory.mktemp("other")
-    make_corpus(other, docs=30, seed=1)
-    preprocess(spec, str(tok.path), str(out / "a"), progress=False)
-    preprocess(SourceSpec((str(other / "*.txt"), )), str(tok.path), str(out / "b"), progress=False)
-    return out, tok
-
-
-def test_blending_proportions_and_determinism(two_datasets):
+def test_blending_proportions_and_determinism(two_datasets, process_group):
     out, tok = two_datasets
-    build = lambda seed: build_text_splits([str(out / "a"), str(out / "b")], [0.25, 0.75], tok, 16,
-                                           (2000, 50, 50), split="80,10,10", seed=seed,
-                                           cache_dir=str(out / f"cache{seed}"))
+    def build(seed):
+        return build_text_splits([str(out / "a"), str(out / "b")], [0.25, 0.75], tok, 16, (2000, 50, 50),
+                                 split="80,10,10", seed=seed, cache_dir=str(out / f"cache{seed}"))
     splits = build(5)
     share_b = np.mean(np.asarray(splits.train.dataset_index[:2000]) == 1)
     assert share_b == pytest.approx(0.75, abs=0.02)

@@ -62,5 +62,5 @@ def test_bad_sweep_file(tmp_path):
     path.write_text(yaml.safe_dump({"name": "x", "preset": "p", "ds_config": "d", "metric": "m",
                                     "higher_is_better": True, "report_split": "test", "baseline": "base",
                                     "common": [], "grid": {}, "arms": {"a": []}, "seeds": [1]}))
-    with pytest.raises(SystemExit, match="baseline 'base' is not one of the arms"):
+    with pytest.raises(experiments.SweepError, match="baseline 'base' is not one of the arms"):
         Sweep.load(str(path))

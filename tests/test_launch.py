@@ -10,8 +10,7 @@ import time
 
 import pytest
 
-from tests.launching import BIN, REPO, free_port, run_checked
-from tests.test_train import TINY, workspace  # noqa: F401  (shared fixture: tokenizer, data, ds_config)
+from tests.launching import BIN, REPO, free_port, run_checked, tiny_train_args
 
 LAUNCH = REPO / "launch"
 
@@ -67,7 +66,7 @@ def test_multinode_dry_run_matches_deepspeeds_runner(launcher, hostfile):
     result = subprocess.run([str(LAUNCH / "multinode.sh"), "--hostfile", str(hostfile), "--launcher", launcher,
                              "--master-addr", "10.0.0.1", "--dry-run", "--", *user_args], capture_output=True,
                             text=True, cwd=REPO, env=env, check=True)
-    ours = next(l for l in result.stdout.splitlines() if l.startswith("backend: "))[len("backend: "):]
+    ours = next(line for line in result.stdout.splitlines() if line.startswith("backend: "))[len("backend: "):]
 
     # The same launch built directly from DeepSpeed's runner classes.
     args = ds.parse_args(["--hostfile", str(hostfile), "--launcher", launcher, "--master_addr", "10.0.0.1",
@@ -77,7 +76,8 @@ def test_multinode_dry_run_matches_deepspeeds_runner(launcher, hostfile):
     pool = ds.fetch_hostfile(str(hostfile))
     active = ds.parse_inclusion_exclusion(pool, "", "")
     world_info = ds.encode_world_info(active)
-    runner = {"pdsh": lambda: ds.PDSHRunner(args, world_info), "openmpi": lambda: ds.OpenMPIRunner(args, world_info, pool),
+    runner = {"pdsh": lambda: ds.PDSHRunner(args, world_info),
+              "openmpi": lambda: ds.OpenMPIRunner(args, world_info, pool),
               "mpich": lambda: ds.MPICHRunner(args, world_info, pool),
               "slurm": lambda: ds.SlurmRunner(args, world_info, pool)}[launcher]()
     runner.add_export("PYTHONPATH", str(REPO))
@@ -125,15 +125,8 @@ def test_multinode_checks_its_arguments(tmp_path, hostfile):
     assert launcher.returncode == 2 and "--launcher must be pdsh" in launcher.stderr
 
 
-def tiny_train_args(workspace, out, steps=2):
-    return ["--config", str(REPO / "configs/gpt_tiny.yaml"), "--ds-config", str(workspace / "ds.json"), "--",
-            "--set", *TINY, f"data.prefixes=[{workspace / 'text'}]", f"data.tokenizer={workspace / 'tok.model'}",
-            "model.seq_length=32", "data.split=80,10,10", f"train.steps={steps}", f"train.output_dir={out}",
-            "train.dist_timeout_s=60"]
-
-
 @pytest.mark.slow
-def test_mpirun_with_mpi4py_discovery(workspace, tmp_path):  # noqa: F811
+def test_mpirun_with_mpi4py_discovery(workspace, tmp_path):
     out = tmp_path / "mpi"
     run_checked([str(LAUNCH / "mpi.sh"), "--np", "2", "--master-port", str(free_port()),
                  *tiny_train_args(workspace, out)], cwd=REPO, timeout=300)
@@ -141,7 +134,7 @@ def test_mpirun_with_mpi4py_discovery(workspace, tmp_path):  # noqa: F811
     assert metrics["world_size"] == 2 and (out / "checkpoints" / "latest").is_file()
 
 
-def start_two_nodes(workspace, tmp_path, out, steps):  # noqa: F811
+def start_two_nodes(workspace, tmp_path, out, steps):
     """Two launchers with --no-ssh on this machine, node ranks 0 and 1, one rank each."""
     hostfile = tmp_path / "hostfile"
     hostfile.write_text("nodeA slots=1\nnodeB slots=1\n")
@@ -149,7 +142,7 @@ def start_two_nodes(workspace, tmp_path, out, steps):  # noqa: F811
     return [start_node(workspace, hostfile, rank, port, out, steps) for rank in (0, 1)]
 
 
-def start_node(workspace, hostfile, rank, port, out, steps):  # noqa: F811
+def start_node(workspace, hostfile, rank, port, out, steps):
     return subprocess.Popen([str(LAUNCH / "multinode.sh"), "--hostfile", str(hostfile), "--no-ssh", "--node-rank",
                              str(rank), "--master-addr", "127.0.0.1", "--master-port", str(port),
                              *tiny_train_args(workspace, out, steps)], cwd=REPO, stdout=subprocess.PIPE,
@@ -157,7 +150,7 @@ def start_node(workspace, hostfile, rank, port, out, steps):  # noqa: F811
 
 
 @pytest.mark.slow
-def test_two_simulated_nodes_train_and_checkpoint(workspace, tmp_path):  # noqa: F811
+def test_two_simulated_nodes_train_and_checkpoint(workspace, tmp_path):
     out = tmp_path / "two_nodes"
     nodes = start_two_nodes(workspace, tmp_path, out, 3)
     outputs = [n.communicate(timeout=300)[0] for n in nodes]
@@ -168,7 +161,7 @@ def test_two_simulated_nodes_train_and_checkpoint(workspace, tmp_path):  # noqa:
 
 
 @pytest.mark.slow
-def test_a_dead_node_fails_the_other_in_bounded_time(workspace, tmp_path):  # noqa: F811
+def test_a_dead_node_fails_the_other_in_bounded_time(workspace, tmp_path):
     out = tmp_path / "dying"
     nodes = start_two_nodes(workspace, tmp_path, out, 100000)
     history = out / "history.jsonl"

@@ -50,8 +50,8 @@ def test_moe_and_moge_differ_only_in_gs_weight():
 def test_expert_init_does_not_depend_on_expert_parallel_size():
     whole = build_model(tiny(), vocab_size=50)
     halves = [build_model(tiny("moe.ep_size=2"), vocab_size=50, ep_rank=r) for r in (0, 1)]
-    experts = lambda m: [e for f in m.modules() if isinstance(f, MoEFFN)
-                         for e in f.moe.deepspeed_moe.experts.deepspeed_experts]
+    def experts(m):
+        return [e for f in m.modules() if isinstance(f, MoEFFN) for e in f.moe.deepspeed_moe.experts.deepspeed_experts]
     for layer in range(2):
         full = experts(whole)[layer * 4:(layer + 1) * 4]
         split = experts(halves[0])[layer * 2:(layer + 1) * 2] + experts(halves[1])[layer * 2:(layer + 1) * 2]

@@ -14,9 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.launching import REPO, free_port
-from tests.test_launch import tiny_train_args
-from tests.test_train import workspace  # noqa: F401  (shared fixture)
+from tests.launching import REPO, free_port, tiny_train_args
 
 pytestmark = pytest.mark.slow
 
@@ -78,7 +76,7 @@ PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
             pass
 
 
-def test_sbatch_trains_across_two_slurm_nodes(slurm, workspace, tmp_path):  # noqa: F811
+def test_sbatch_trains_across_two_slurm_nodes(slurm, workspace, tmp_path):
     out = tmp_path / "slurm run"
     train_args = tiny_train_args(workspace, out, steps=3)
     env = {**slurm, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}

@@ -5,63 +5,9 @@ import json
 import numpy as np
 import pytest
 
-from moge_ds.data.documents import SourceSpec
-from moge_ds.data.preprocess import preprocess
-from moge_ds.data.tokenizer import train_tokenizer
-from tests.launching import REPO, launch_deepspeed
-from tests.test_data import make_corpus
+from tests.launching import train
 
 pytestmark = pytest.mark.slow
-
-TINY = ["model.dim=32", "model.depth=2", "model.heads=2", "moe.num_experts=4", "moe.map_shape=[2,2]",
-        "moe.padding=circular", "moe.ep_size=2", "train.log_interval=1", "train.eval_interval=4",
-        "train.eval_batches=2"]
-
-
-@pytest.fixture(scope="module")
-def workspace(tmp_path_factory):
-    root = tmp_path_factory.mktemp("train")
-    corpus = root / "corpus"
-    corpus.mkdir()
-    make_corpus(corpus, docs=200)
-    spec = SourceSpec((str(corpus / "*.txt"), ))
-    tok = train_tokenizer(spec, str(root / "tok"), vocab_size=300, input_sentence_size=0)
-    preprocess(spec, str(tok.path), str(root / "text"), progress=False)
-    ds = json.loads((REPO / "ds_configs/cpu.json").read_text())
-    ds["train_micro_batch_size_per_gpu"] = 4
-    ds["scheduler"]["params"]["warmup_num_steps"] = 2
-    (root / "ds.json").write_text(json.dumps(ds))
-    make_image_folder(root / "images")
-    return root
-
-
-def make_image_folder(root, per_class=24):
-    """Two classes of 28x28 greyscale PNGs: bright blob top-left vs bottom-right."""
-    from PIL import Image
-
-    rng = np.random.default_rng(0)
-    for split in ("train", "test"):
-        for label, corner in enumerate(("tl", "br")):
-            folder = root / split / corner
-            folder.mkdir(parents=True)
-            for i in range(per_class):
-                image = rng.integers(0, 60, (28, 28), dtype=np.uint8)
-                sl = slice(2, 12) if corner == "tl" else slice(16, 26)
-                image[sl, sl] = 220
-                Image.fromarray(image).save(folder / f"{i}.png")
-
-
-def train(workspace, out_name, *overrides, preset="gpt_tiny.yaml", resume=False, nproc=2):
-    out = workspace / out_name
-    data = [f"data.prefixes=[{workspace / 'text'}]", f"data.tokenizer={workspace / 'tok.model'}",
-            "model.seq_length=32", "data.split=80,10,10", f"data.images=folder:{workspace / 'images'}",
-            "data.valid_images=8"]
-    args = ["--module", "moge_ds.train", "--config", str(REPO / "configs" / preset), "--deepspeed_config",
-            str(workspace / "ds.json"), "--set", *TINY, *data, f"train.output_dir={out}", *overrides]
-    launch_deepspeed(args + (["--resume"] if resume else []), cwd=workspace, num_ranks=nproc)
-    history = [json.loads(l) for l in (out / "history.jsonl").read_text().splitlines()]
-    return out, [r for r in history if "split" not in r]
-
 
 @pytest.fixture(scope="module")
 def gpt_run(workspace):

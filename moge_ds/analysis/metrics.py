@@ -6,6 +6,8 @@ import math
 
 import torch
 
+from moge_ds.monitor import coefficient_of_variation
+
 
 def expert_load(topk: torch.Tensor, dropped: torch.Tensor, num_experts: int) -> dict[str, object]:
     """Load statistics of one layer.
@@ -19,8 +21,8 @@ def expert_load(topk: torch.Tensor, dropped: torch.Tensor, num_experts: int) -> 
     kept = topk[~dropped]
     counts = torch.bincount(kept, minlength=num_experts).double()
     fraction = counts / counts.sum().clamp(min=1)
-    cv = (fraction.std(unbiased=False) / fraction.mean()).item()
-    return {"fraction": fraction.tolist(), "cv": cv, "dropped_rate": dropped.double().mean().item()}
+    return {"fraction": fraction.tolist(), "cv": coefficient_of_variation(fraction),
+            "dropped_rate": dropped.double().mean().item()}
 
 
 def routing_entropy(scores: torch.Tensor) -> torch.Tensor:
@@ -60,7 +62,11 @@ def topk_jaccard(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 def map_neighbour_rate(topk: torch.Tensor, map_shape: tuple[int, int]) -> float:
-    """For k >= 2: how often the top-2 experts of a token touch on the map (8-neighbourhood)."""
+    """For k >= 2: how often the top-2 *routed* experts of a token touch on the map (8-neighbourhood).
+
+    Diluted toward chance where the 2nd expert is sampled: prefer the noise-free
+    ``moge_ds.analysis.topography`` measures.
+    """
     if topk.shape[1] < 2:
         return math.nan
     cols = map_shape[1]

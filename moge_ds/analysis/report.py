@@ -22,8 +22,11 @@ from deepspeed.moe.sharded_moe import MOELayer
 from moge_ds.analysis.metrics import (expert_load, map_neighbour_rate, mean_offdiagonal_cosine, mutual_information,
                                       routing_entropy, topk_jaccard)
 from moge_ds.analysis.routing import LayerRouting, capture_routing
+from moge_ds.analysis.topography import MapGeometry, topography
 from moge_ds.checkpoint import CheckpointError
+from moge_ds.data.documents import DataError
 from moge_ds.data.images import normalize, rotate, shift
+from moge_ds.distributed import single_process_group
 from moge_ds.export import load_export
 from moge_ds.topographic import default_map_shape
 
@@ -125,6 +128,8 @@ def analyse(export_dir: Path, out: Path, probe: int = 2000, seed: int = 0) -> di
     num_experts = config.moe.num_experts
     map_shape = tuple(config.moe.map_shape) if config.moe.map_shape else default_map_shape(num_experts)
     moe_layers = [m for m in model.modules() if isinstance(m, MOELayer)]
+    geometry = MapGeometry(map_shape, config.moe.window_size, config.moe.stride, config.moe.padding,
+                           config.moe.sigma_min)
     layers, output_sims = [], []
     for index, (layer, moe_layer) in enumerate(zip(routing, moe_layers)):
         experts = moe_layer.experts.deepspeed_experts
@@ -140,7 +145,8 @@ def analyse(export_dir: Path, out: Path, probe: int = 2000, seed: int = 0) -> di
                  "routing_entropy_nats": entropy.mean().item(),
                  "routing_entropy_normalized": (entropy.mean() / math.log(num_experts)).item(),
                  "mi_top1_vs_label": mutual_information(layer.topk[:, 0], labels),
-                 "top2_map_neighbour_rate": map_neighbour_rate(layer.topk, map_shape)}
+                 "top2_map_neighbour_rate": map_neighbour_rate(layer.topk, map_shape),
+                 "topography": topography(layer.scores, geometry, config.moe.top_k)}
         layers.append(stats)
     invariance = {}
     if config.model.kind == "vit":
@@ -169,6 +175,16 @@ def _markdown(result: dict) -> str:
         lines.append(f"| {s['layer']} | {s['cv']:.3f} | {s['dropped_rate']:.3f} | {s['expert_weight_cosine']:.3f} | "
                      f"{s['expert_output_cosine']:.3f} | {s['routing_entropy_normalized']:.3f} | "
                      f"{mi['mi_bits']:.3f} ({mi['normalized']:.3f}) | {s['top2_map_neighbour_rate']:.3f} |")
+    lines += ["", "Topography of the noise-free scores (not the routed experts): top-2 map neighbours vs chance, "
+              "map smoothness (neighbour minus non-neighbour score correlation), border bias (load vs window "
+              "coverage), and the group-sparsity loss at sigma_min vs a uniform router.", "",
+              "| layer | top-2 neighbours | chance | smoothness | border bias | entropy (norm.) | GS loss | "
+              "GS loss uniform |", "|---|---|---|---|---|---|---|---|"]
+    for s in result["layers"]:
+        t = s["topography"]
+        lines.append(f"| {s['layer']} | {t['top2_neighbour_rate']:.3f} | {t['top2_neighbour_chance']:.3f} | "
+                     f"{t['map_smoothness']:+.3f} | {t['border_bias']:+.3f} | {t['entropy_normalized']:.3f} | "
+                     f"{t['group_sparsity_loss']:.4f} | {t['group_sparsity_loss_uniform']:.4f} |")
     if result["invariance_jaccard"]:
         lines += ["", "Routing invariance: mean Jaccard of each token's top-k experts, original vs transformed "
                   "(1 = unchanged).", "", "| transform | " + " | ".join(
@@ -188,7 +204,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--probe", type=int, default=2000, help="probe images (ViT) or about this many tokens (LM)")
     args = parser.parse_args(argv)
     try:
-        analyse(args.export, args.out, args.probe)
-    except CheckpointError as err:
+        with single_process_group():
+            analyse(args.export, args.out, args.probe)
+    except (CheckpointError, DataError) as err:
         parser.exit(2, f"error: {err}\n")
     print(f"wrote {args.out / 'report.md'}")

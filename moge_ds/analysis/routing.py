@@ -5,7 +5,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from moge_ds.gate import MoGEGate, moge_gates
 
@@ -28,7 +27,7 @@ def capture_routing(model: torch.nn.Module, batches) -> list[LayerRouting]:
 
         def record(gate: MoGEGate, args, output) -> None:
             x = args[0].float()
-            scores = F.softmax(F.linear(x, gate.wg.weight.float()), dim=-1)
+            scores = gate.last_scores
             indices = output[3].t().long()  # [T, k]; -1 marks a dropped route
             topk = scores.topk(gate.k, dim=-1).indices
             # DeepSpeed's top-2 may sample its 2nd choice, so take the routed experts where kept.

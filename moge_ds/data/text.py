@@ -12,8 +12,6 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-import tempfile
-
 import numpy as np
 import torch
 import torch.distributed as dist
@@ -78,10 +76,10 @@ def build_text_splits(prefixes: list[str],
         raise DataError(f"seq_length {seq_length} is longer than the smallest split holds "
                         f"(~{int(total_tokens * smallest)} of {total_tokens} tokens with split {split}): "
                         f"use a shorter sequence, more data, or another split")
-    if not dist.is_initialized():
-        # megatron-core's blending asks torch.distributed for the rank; a lone process is rank 0 of 1.
-        store = dist.FileStore(tempfile.mktemp(prefix="moge_ds_store_"), 1)
-        dist.init_process_group("gloo", store=store, rank=0, world_size=1)
+    if len(prefixes) > 1 and not dist.is_initialized():
+        raise DataError("blending several datasets asks torch.distributed for the rank, and no process group is "
+                        "up: run inside `with moge_ds.distributed.single_process_group():` (a lone process) or "
+                        "start the ranks through a launcher")
     blend = (list(prefixes), list(weights) if weights is not None else None)
     config = GPTDatasetConfig(random_seed=seed, sequence_length=seq_length, blend=blend, split=split,
                               tokenizer=tokenizer, reset_position_ids=False, reset_attention_mask=False,

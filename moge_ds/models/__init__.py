@@ -17,9 +17,9 @@ def build_model(config: Config, vocab_size: int | None = None, ep_rank: int = 0)
     (``ep_rank`` = this rank's place in its expert-parallel group), see ``init_experts``.
     """
     torch.manual_seed(config.train.seed)
-    sigma_steps = config.moe.sigma_steps or config.train.steps
+    sigma_steps = config.moe.sigma_steps or config.train.steps  # the schedule spans the run by default
     if config.model.kind == "gpt":
-        model = GPT(config.model, config.moe, vocab_size, sigma_steps)
+        model = GPT(config.model, config.moe, sigma_steps, vocab_size)
     else:
         model = ViT(config.model, config.moe, sigma_steps)
     init_experts(model, config.train.seed, ep_rank)

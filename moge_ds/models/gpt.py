@@ -14,8 +14,7 @@ from moge_ds.models.blocks import Block, rotary_tables
 class GPT(nn.Module):
     """``forward(tokens [B, S]) -> (logits [B, S, V], l_aux scalar)``; l_aux sums the MoE layers'."""
 
-    def __init__(self, model: ModelConfig, moe: MoEConfig, vocab_size: Optional[int] = None,
-                 sigma_steps: Optional[int] = None):
+    def __init__(self, model: ModelConfig, moe: MoEConfig, sigma_steps: int, vocab_size: Optional[int] = None):
         super().__init__()
         vocab_size = vocab_size or model.vocab_size
         if vocab_size is None:
@@ -28,8 +27,7 @@ class GPT(nn.Module):
             self.register_buffer("rope_cos", cos, persistent=False)
             self.register_buffer("rope_sin", sin, persistent=False)
         self.drop = nn.Dropout(model.dropout)
-        steps = sigma_steps or moe.sigma_steps or 1
-        self.blocks = nn.ModuleList(Block(i, model, moe, steps, causal=True) for i in range(model.depth))
+        self.blocks = nn.ModuleList(Block(i, model, moe, sigma_steps, causal=True) for i in range(model.depth))
         self.norm = nn.LayerNorm(model.dim)
         self.head = nn.Linear(model.dim, vocab_size, bias=False)
         if model.tie_embeddings:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from typing import Optional
 
 import torch
 from torch import nn
@@ -14,7 +13,7 @@ from moge_ds.models.blocks import Block
 class ViT(nn.Module):
     """``forward(images [B, C, H, W] float) -> (logits [B, num_classes], l_aux scalar)``."""
 
-    def __init__(self, model: ModelConfig, moe: MoEConfig, sigma_steps: Optional[int] = None):
+    def __init__(self, model: ModelConfig, moe: MoEConfig, sigma_steps: int):
         super().__init__()
         self.config = model
         num_patches = (model.image_size // model.patch_size)**2
@@ -22,8 +21,7 @@ class ViT(nn.Module):
         self.cls = nn.Parameter(torch.zeros(1, 1, model.dim))
         self.pos = nn.Parameter(torch.randn(1, num_patches + 1, model.dim) * 0.02)
         self.drop = nn.Dropout(model.dropout)
-        steps = sigma_steps or moe.sigma_steps or 1
-        self.blocks = nn.ModuleList(Block(i, model, moe, steps, causal=False) for i in range(model.depth))
+        self.blocks = nn.ModuleList(Block(i, model, moe, sigma_steps, causal=False) for i in range(model.depth))
         self.norm = nn.LayerNorm(model.dim)
         self.head = nn.Linear(model.dim, model.num_classes)
 
