@@ -11,7 +11,7 @@ from moge_ds.experiments import Run, Sweep, collect, write_report
 
 @pytest.fixture
 def sweep(tmp_path, monkeypatch):
-    monkeypatch.setattr(experiments, "REPO", tmp_path)
+    monkeypatch.setattr(experiments.sweep, "REPO", tmp_path)
     spec = {"name": "toy", "preset": "configs/vit_fmnist.yaml", "ds_config": "experiments/ds_sweep.json",
             "metric": "accuracy", "higher_is_better": True, "report_split": "test", "baseline": "moe",
             "common": ["train.steps=5"], "grid": {"moe.num_experts": [16, 32]},
