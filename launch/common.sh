@@ -20,6 +20,35 @@ resolve_config() {
   die "no config '$spec': give a file or one of: $(cd "$root/configs" && ls -- *.yaml | sed 's/\.yaml$//' | tr '\n' ' ')"
 }
 
+# The comment block under the shebang, without its '# ': the script's help.
+usage() {
+  awk 'NR == 1 { next } /^#/ { sub(/^# ?/, ""); print; next } { exit }' "$1"
+}
+
+# The options every launcher takes, with one set of defaults. In the option loop:
+#   common_option "$@" && { shift "$consumed"; continue; }
+config=gpt_tiny
+ds_config=$(repo_root)/ds_configs/cpu.json
+master_port=${MASTER_PORT:-29500}
+dry_run=0
+common_option() {
+  case "$1" in
+    --preset|--config) config=${2:?$1 needs a value}; consumed=2 ;;
+    --ds-config) ds_config=${2:?--ds-config needs a file}; consumed=2 ;;
+    --master-port) master_port=${2:?--master-port needs a port}; consumed=2 ;;
+    --dry-run) dry_run=1; consumed=1 ;;
+    -h|--help) usage "$0"; exit 0 ;;
+    *) return 1 ;;
+  esac
+}
+
+# Check the common options once the loop is done; resolves the preset name to a file.
+check_common_options() {
+  require_int --master-port "$master_port"
+  config=$(resolve_config "$config")
+  [[ -f "$ds_config" ]] || die "ds_config '$ds_config' does not exist (see ds_configs/)"
+}
+
 require_int() {  # name value
   [[ "$2" =~ ^[1-9][0-9]*$ ]] || die "$1 must be a positive integer, got '$2'"
 }

@@ -9,25 +9,18 @@
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 
-np=${NP:-2} hostfile="" master_port=${MASTER_PORT:-29500} dry_run=0
-config=gpt_tiny ds_config="$(repo_root)/ds_configs/cpu.json"
+np=${NP:-2} hostfile=""
 while (($#)); do
+  common_option "$@" && { shift "$consumed"; continue; }
   case "$1" in
     --np) np=${2:?--np needs a number}; shift 2 ;;
     --hostfile) hostfile=${2:?--hostfile needs a file}; shift 2 ;;
-    --master-port) master_port=${2:?--master-port needs a port}; shift 2 ;;
-    --preset|--config) config=${2:?$1 needs a value}; shift 2 ;;
-    --ds-config) ds_config=${2:?--ds-config needs a file}; shift 2 ;;
-    --dry-run) dry_run=1; shift ;;
-    -h|--help) sed -n '2,9p' "$0"; exit 0 ;;
     --) shift; break ;;
     *) break ;;
   esac
 done
 require_int --np "$np"
-require_int --master-port "$master_port"
-config=$(resolve_config "$config")
-[[ -f "$ds_config" ]] || die "ds_config '$ds_config' does not exist (see ds_configs/)"
+check_common_options
 [[ -z "$hostfile" || -f "$hostfile" ]] || die "hostfile '$hostfile' does not exist"
 mpirun=$(find_tool mpirun 2>/dev/null) || die "no MPI found (mpirun): 'make setup' installs MPICH into .venv; on a cluster load your MPI module"
 python=$(find_tool python)

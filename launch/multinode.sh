@@ -10,27 +10,25 @@
 # With --no-ssh run it on every node with that node's --node-rank and the same --master-addr.
 # NCCL_*, PYTHON* and UCX_* variables reach the ranks through DeepSpeed; add others with --export
 # (written to a .deepspeed_env file along with PYTHONPATH and any .deepspeed_env you already have).
-# --dry-run prints the launcher command and the backend command DeepSpeed would run, and stops.
+# --dry-run prints the launcher command and the backend command DeepSpeed would run, and stops;
+# it never starts a rank (with one host DeepSpeed would start the ranks locally: only the launcher
+# command is printed then).
+# The ds_config defaults to ds_configs/zero2_bf16.json (GPU clusters); pass --ds-config otherwise.
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 
-hostfile="" launcher=pdsh master_addr="" master_port=${MASTER_PORT:-29500} venv_script=""
-no_ssh=0 node_rank="" dry_run=0 config=gpt_tiny ds_config="$(repo_root)/ds_configs/zero2_bf16.json"
-exports=()
+hostfile="" launcher=pdsh master_addr="" venv_script="" no_ssh=0 node_rank="" exports=()
+ds_config=$(repo_root)/ds_configs/zero2_bf16.json  # several nodes: GPUs
 while (($#)); do
+  common_option "$@" && { shift "$consumed"; continue; }
   case "$1" in
     --hostfile) hostfile=${2:?--hostfile needs a file}; shift 2 ;;
     --launcher) launcher=${2:?--launcher needs a name}; shift 2 ;;
     --master-addr) master_addr=${2:?--master-addr needs an address}; shift 2 ;;
-    --master-port) master_port=${2:?--master-port needs a port}; shift 2 ;;
     --venv-script) venv_script=${2:?--venv-script needs a file}; shift 2 ;;
     --export) exports+=("${2:?--export needs NAME=VALUE}"); shift 2 ;;
     --no-ssh) no_ssh=1; shift ;;
     --node-rank) node_rank=${2:?--node-rank needs a number}; shift 2 ;;
-    --preset|--config) config=${2:?$1 needs a value}; shift 2 ;;
-    --ds-config) ds_config=${2:?--ds-config needs a file}; shift 2 ;;
-    --dry-run) dry_run=1; shift ;;
-    -h|--help) sed -n '2,15p' "$0"; exit 0 ;;
     --) shift; break ;;
     *) break ;;
   esac
@@ -39,9 +37,7 @@ done
 [[ -n "$hostfile" ]] || die "--hostfile is required (lines of 'host slots=N')"
 [[ -f "$hostfile" ]] || die "hostfile '$hostfile' does not exist"
 case "$launcher" in pdsh|openmpi|mpich|impi|slurm) ;; *) die "--launcher must be pdsh, openmpi, mpich, impi or slurm, got '$launcher'" ;; esac
-require_int --master-port "$master_port"
-config=$(resolve_config "$config")
-[[ -f "$ds_config" ]] || die "ds_config '$ds_config' does not exist (see ds_configs/)"
+check_common_options
 [[ -z "$venv_script" || -f "$venv_script" ]] || die "--venv-script '$venv_script' does not exist"
 
 # The hostfile: every non-comment line is 'host slots=N'.
@@ -79,7 +75,8 @@ master_addr=${master_addr:-${hosts[0]}}
 env_file=$(mktemp "${TMPDIR:-/tmp}/moge_ds_env.XXXXXX")
 trap 'rm -f "$env_file"' EXIT
 for existing in "$HOME/.deepspeed_env" "./.deepspeed_env"; do
-  [[ -f "$existing" ]] && grep -v '^[[:space:]]*$' "$existing" >> "$env_file"
+  # grep exits 1 when a file holds only blank lines: nothing to copy, not an error.
+  [[ -f "$existing" ]] && { grep -v '^[[:space:]]*$' "$existing" >> "$env_file" || (($? == 1)); }
 done
 printf 'PYTHONPATH=%s\n' "$(repo_root)${PYTHONPATH:+:$PYTHONPATH}" >> "$env_file"
 for item in "${exports[@]+"${exports[@]}"}"; do
@@ -98,7 +95,8 @@ cmd+=("$(repo_root)/launch/moge_train.py" --config "$config" --deepspeed_config 
 
 if ((dry_run)); then
   printf 'launcher: '; printf '%q ' "${cmd[@]}"; printf '\n'
-  ((no_ssh)) && exit 0
+  # DeepSpeed's runner starts a single host's ranks itself, with no backend to stand in for.
+  ((no_ssh || ${#hosts[@]} == 1)) && exit 0
   # Let DeepSpeed's runner build its backend command for real; stand-ins for the backend
   # binaries print it instead of running it.
   stubs=$(mktemp -d "${TMPDIR:-/tmp}/moge_ds_dry.XXXXXX")

@@ -10,26 +10,16 @@ set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 
 nproc=${NPROC:-2}
-config=gpt_tiny
-ds_config=$(repo_root)/ds_configs/cpu.json
-master_port=${MASTER_PORT:-29500}
-dry_run=0
 while (($#)); do
+  common_option "$@" && { shift "$consumed"; continue; }
   case "$1" in
     --nproc) nproc=${2:?--nproc needs a value}; shift 2 ;;
-    --preset|--config) config=${2:?$1 needs a value}; shift 2 ;;
-    --ds-config) ds_config=${2:?--ds-config needs a value}; shift 2 ;;
-    --master-port) master_port=${2:?--master-port needs a value}; shift 2 ;;
-    --dry-run) dry_run=1; shift ;;
-    -h|--help) sed -n '2,9p' "$0"; exit 0 ;;
     --) shift; break ;;
     *) break ;;
   esac
 done
 require_int --nproc "$nproc"
-require_int --master-port "$master_port"
-config=$(resolve_config "$config")
-[[ -f "$ds_config" ]] || die "ds_config '$ds_config' does not exist (see ds_configs/)"
+check_common_options
 
 cmd=("$(find_tool deepspeed)" --num_gpus "$nproc" --master_port "$master_port"
      --module moge_ds.train --config "$config" --deepspeed_config "$ds_config" "$@")

@@ -18,7 +18,8 @@ import torch.nn.functional as F
 
 from moge_ds.config import Config
 from moge_ds.data.images import ImageSet, augment, fashion_mnist, hf_images, image_folder, normalize
-from moge_ds.data.text import build_text_splits, lm_batch
+from moge_ds.data.documents import DataError
+from moge_ds.data.text import build_text_splits, lm_batch, one_epoch_samples
 from moge_ds.data.tokenizer import Tokenizer
 
 
@@ -54,11 +55,20 @@ class LanguageModelling:
                  device: torch.device):
         self.tokenizer = Tokenizer(config.data.tokenizer)
         self.micro, self.rank, self.world, self.device = micro_batch, rank, world, device
-        eval_samples = config.train.eval_batches * micro_batch * world
-        self.splits = build_text_splits(config.data.prefixes, config.data.weights, self.tokenizer,
-                                        config.model.seq_length,
-                                        (total_micro_batches * micro_batch * world, eval_samples, eval_samples),
-                                        config.data.split, config.train.seed)
+        data = config.data
+        # A held-out split is one pass over its documents, whoever evaluates it: the trainer and
+        # moge_ds.evaluate see the same samples whatever their batch size and rank count.
+        held_out = one_epoch_samples(data.prefixes, data.split, config.model.seq_length)[1:] \
+            if data.weights is not None else (None, None)
+        self.splits = build_text_splits(data.prefixes, data.weights, self.tokenizer, config.model.seq_length,
+                                        (total_micro_batches * micro_batch * world, *held_out), data.split,
+                                        config.train.seed)
+        evaluated = set(config.train.final_eval) | ({"valid"} if config.train.eval_interval else set())
+        for name in sorted(evaluated):
+            if getattr(self.splits, name) is None:
+                raise DataError(f"data.split {data.split!r} gives the {name} split no share, but the run evaluates "
+                                f"it (train.final_eval {config.train.final_eval}, train.eval_interval "
+                                f"{config.train.eval_interval}): give it a share or stop evaluating it")
 
     @property
     def vocab_size(self) -> int:
@@ -79,19 +89,37 @@ class LanguageModelling:
 
     @torch.no_grad()
     def evaluate(self, model, split: str, batches: int | None) -> dict[str, float]:
+        """Every sample of ``split`` once (``batches``: the first ``batches`` micro-batches per rank),
+        sharded across ranks; each rank runs the same number of forward passes."""
         dataset = self.splits.valid if split == "valid" else self.splits.test
-        batches = batches or len(dataset) // (self.micro * self.world)
         total_nll = total_tokens = 0.0
-        for b in range(batches):
-            batch = self.batch(dataset, (b * self.world + self.rank) * self.micro)
-            logits, _ = model(batch["tokens"])
-            nll = F.cross_entropy(logits.float().flatten(0, 1), batch["labels"].flatten(), reduction="none")
-            mask = batch["loss_mask"].flatten().float()
-            total_nll += (nll * mask).sum().item()
+        for index, valid in shard_indices(len(dataset), self.micro, self.rank, self.world, batches):
+            samples = [dataset[i] for i in index.tolist()]
+            tokens = torch.stack([s["tokens"] for s in samples]).to(self.device)
+            labels = torch.stack([s["labels"] for s in samples]).to(self.device)
+            mask = torch.stack([s["loss_mask"] for s in samples]).float() * valid[:, None]
+            logits, _ = model(tokens)
+            nll = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), reduction="none")
+            total_nll += (nll * mask.flatten().to(nll.device)).sum().item()
             total_tokens += mask.sum().item()
         total_nll, total_tokens = _all_reduce_sum([total_nll, total_tokens])
         loss = total_nll / max(total_tokens, 1)
         return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "tokens": total_tokens}
+
+
+def shard_indices(size: int, micro: int, rank: int, world: int, batches: int | None):
+    """``(index, valid)`` per micro-batch of this rank's share of ``size`` items (``valid`` is 0./1.).
+
+    Rank r owns items ``[r * per_rank, (r + 1) * per_rank)``, so every rank runs the same number of
+    batches (MoE all-to-alls pair up); the last rank's items past ``size`` repeat the last item and
+    are marked invalid. ``batches`` caps the micro-batches per rank.
+    """
+    per_rank = math.ceil(size / world)
+    if batches is not None:
+        per_rank = min(per_rank, batches * micro)
+    for start in range(0, per_rank, micro):
+        index = torch.arange(start, min(start + micro, per_rank)) + rank * per_rank
+        yield index.clamp(max=size - 1), (index < size).float()
 
 
 def load_images(spec: str, split: str) -> ImageSet:
@@ -142,20 +170,14 @@ class ImageClassification:
 
     @torch.no_grad()
     def evaluate(self, model, split: str, batches: int | None) -> dict[str, float]:
-        """Over the whole split (``batches`` is ignored: image splits are small), sharded across ranks."""
+        """The first ``batches`` micro-batches per rank of ``split`` (None: all of it), sharded across ranks."""
         images, labels = self.eval_sets[split]
-        # Every rank runs the same number of forward passes (MoE all-to-alls must pair up).
-        per_rank = math.ceil(len(labels) / self.world)
         nll = correct = count = 0.0
-        for start in range(0, per_rank, self.micro):
-            index = torch.arange(start, min(start + self.micro, per_rank)) + self.rank * per_rank
-            valid = index < len(labels)
-            index = index.clamp(max=len(labels) - 1)
+        for index, valid in shard_indices(len(labels), self.micro, self.rank, self.world, batches):
             logits, _ = model(normalize(images[index]).to(self.device))
-            target = labels[index].to(self.device)
-            valid = valid.to(self.device)
+            target, valid = labels[index].to(self.device), valid.to(self.device)
             nll += (F.cross_entropy(logits.float(), target, reduction="none") * valid).sum().item()
-            correct += ((logits.argmax(-1) == target) & valid).sum().item()
+            correct += ((logits.argmax(-1) == target).float() * valid).sum().item()
             count += valid.sum().item()
         nll, correct, count = _all_reduce_sum([nll, correct, count])
         return {"loss": nll / count, "accuracy": correct / count, "images": count}

@@ -24,6 +24,7 @@ from moge_ds.analysis.metrics import (expert_load, map_neighbour_rate, mean_offd
 from moge_ds.analysis.routing import LayerRouting, capture_routing
 from moge_ds.analysis.topography import MapGeometry, topography
 from moge_ds.checkpoint import CheckpointError
+from moge_ds.config import tokens_per_sample
 from moge_ds.data.documents import DataError
 from moge_ds.data.images import normalize, rotate, shift
 from moge_ds.distributed import single_process_group
@@ -55,8 +56,7 @@ def _image_probe(config, size: int):
 
     test = load_images(config.data.images, "test")
     images, labels = test.images[:size], test.labels[:size]
-    tokens_per_image = (config.model.image_size // config.model.patch_size)**2 + 1
-    return images, labels.repeat_interleave(tokens_per_image), list(test.classes)
+    return images, labels.repeat_interleave(tokens_per_sample(config.model)), list(test.classes)
 
 
 def _text_probe(config, size: int):
@@ -69,6 +69,18 @@ def _text_probe(config, size: int):
     pieces = [task.tokenizer.sp.id_to_piece(i) for i in range(task.vocab_size)]
     kinds = torch.tensor([_token_type(p) for p in pieces])
     return tokens, kinds[tokens.flatten()], list(TOKEN_TYPES)
+
+
+def probe_inputs(config, size: int) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    """Probe inputs from the test split (raw images, or token ids), a label per token, the label names."""
+    return _image_probe(config, size) if config.model.kind == "vit" else _text_probe(config, size)
+
+
+def model_batches(config, inputs: torch.Tensor) -> list[torch.Tensor]:
+    """``inputs`` from :func:`probe_inputs` cut into model-ready batches."""
+    if config.model.kind == "vit":
+        return [normalize(chunk) for chunk in _chunks(inputs, 100)]
+    return _chunks(inputs, 8)
 
 
 def _maps(routing: list[LayerRouting], labels: torch.Tensor, names: list[str], map_shape, path: Path) -> None:
@@ -118,13 +130,8 @@ def analyse(export_dir: Path, out: Path, probe: int = 2000, seed: int = 0) -> di
     model, config = load_export(export_dir)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)  # DeepSpeed's 2nd-expert sampling draws from the global RNG
-    if config.model.kind == "vit":
-        images, labels, names = _image_probe(config, probe)
-        batches = [normalize(chunk) for chunk in _chunks(images, 100)]
-    else:
-        tokens, labels, names = _text_probe(config, probe)
-        batches = _chunks(tokens, 8)
-    routing = capture_routing(model, batches)
+    inputs, labels, names = probe_inputs(config, probe)
+    routing = capture_routing(model, model_batches(config, inputs))
     num_experts = config.moe.num_experts
     map_shape = tuple(config.moe.map_shape) if config.moe.map_shape else default_map_shape(num_experts)
     moe_layers = [m for m in model.modules() if isinstance(m, MOELayer)]
@@ -134,8 +141,8 @@ def analyse(export_dir: Path, out: Path, probe: int = 2000, seed: int = 0) -> di
     for index, (layer, moe_layer) in enumerate(zip(routing, moe_layers)):
         experts = moe_layer.experts.deepspeed_experts
         weights = torch.stack([torch.cat([p.flatten() for p in e.parameters()]) for e in experts])
-        probe_inputs = layer.inputs[torch.randperm(len(layer.inputs))[:512]]
-        outputs = torch.stack([e(probe_inputs).flatten() for e in experts])
+        sample = layer.inputs[torch.randperm(len(layer.inputs))[:512]]
+        outputs = torch.stack([e(sample).flatten() for e in experts])
         weight_cos, _ = mean_offdiagonal_cosine(weights)
         output_cos, output_sim = mean_offdiagonal_cosine(outputs)
         output_sims.append(output_sim)
@@ -152,7 +159,7 @@ def analyse(export_dir: Path, out: Path, probe: int = 2000, seed: int = 0) -> di
     if config.model.kind == "vit":
         for name, transform in IMAGE_TRANSFORMS.items():
             torch.manual_seed(seed)
-            moved = capture_routing(model, [normalize(transform(chunk)) for chunk in _chunks(images, 100)])
+            moved = capture_routing(model, model_batches(config, transform(inputs)))
             invariance[name] = [topk_jaccard(a.topk, b.topk).mean().item() for a, b in zip(routing, moved)]
     _maps(routing, labels, names, map_shape, out / "topographic_maps.png")
     _similarity_plot(output_sims, out / "expert_similarity.png")

@@ -16,6 +16,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
+from megatron.core.datasets.blended_megatron_dataset_config import (convert_split_vector_to_split_matrix,
+                                                                    parse_and_normalize_split)
 from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
 from megatron.core.datasets.indexed_dataset import IndexedDataset
 
@@ -41,6 +43,51 @@ def check_indexed_dataset(prefix: str) -> IndexedDataset:
     return dataset
 
 
+SPLIT_NAMES = ("train", "valid", "test")
+
+
+def split_documents(split: str, num_documents: int) -> list[range | None]:
+    """The document range of each split, computed as megatron-core computes it; None for a 0 share."""
+    try:
+        matrix = convert_split_vector_to_split_matrix(parse_and_normalize_split(split))
+    except (AssertionError, ValueError, ZeroDivisionError):
+        raise DataError(f"data.split must be three non-negative shares like \"98,1,1\", got {split!r}") from None
+    return [None if bounds is None else range(int(round(bounds[0] * num_documents)),
+                                              int(round(bounds[1] * num_documents))) for bounds in matrix]
+
+
+def check_splits(dataset: IndexedDataset, prefix: str, split: str, seq_length: int) -> None:
+    """Every split with a share holds a document and at least one sample of ``seq_length + 1`` tokens.
+
+    megatron-core repeats a split's epochs until it has the samples asked for, so a split with no
+    tokens never finishes building (it hangs instead of failing).
+    """
+    lengths = dataset.index.sequence_lengths
+    for name, documents in zip(SPLIT_NAMES, split_documents(split, len(lengths))):
+        if documents is None:
+            continue
+        tokens = int(lengths[documents.start:documents.stop].sum(dtype=np.int64))
+        if tokens < seq_length + 1:
+            raise DataError(f"{prefix}: seq_length {seq_length} is longer than the smallest split holds: data.split "
+                            f"{split!r} gives the {name} split {len(documents)} of {len(lengths)} documents and "
+                            f"{tokens} tokens, fewer than one sample of seq_length + 1. Give it a larger share (e.g. "
+                            f"data.split=\"80,10,10\"), use more documents (--doc-per line or --doc-separator when "
+                            f"preprocessing), or a shorter model.seq_length")
+
+
+def one_epoch_samples(prefixes: list[str], split: str, seq_length: int) -> tuple[int, int, int]:
+    """Samples of ``seq_length + 1`` tokens that one pass over each split's documents holds, summed over
+    ``prefixes``: a split size that depends on the data alone, not on batch size or rank count."""
+    totals = [0, 0, 0]
+    for prefix in prefixes:
+        lengths = check_indexed_dataset(prefix).index.sequence_lengths
+        for i, documents in enumerate(split_documents(split, len(lengths))):
+            if documents is not None:
+                tokens = int(lengths[documents.start:documents.stop].sum(dtype=np.int64))
+                totals[i] += max((tokens - 1) // seq_length, 1)
+    return totals[0], totals[1], totals[2]
+
+
 @dataclass(frozen=True)
 class TextSplits:
     train: GPTDataset
@@ -52,7 +99,7 @@ def build_text_splits(prefixes: list[str],
                       weights: list[float] | None,
                       tokenizer: Tokenizer,
                       seq_length: int,
-                      num_samples: tuple[int, int, int],
+                      num_samples: tuple[int | None, int | None, int | None],
                       split: str = "98,1,1",
                       seed: int = 1234,
                       cache_dir: str | None = None) -> TextSplits:
@@ -60,22 +107,15 @@ def build_text_splits(prefixes: list[str],
 
     Args:
         prefixes: indexed-dataset prefixes; ``weights`` (same length) blend them, None = one each.
-        num_samples: samples wanted from each split (megatron repeats epochs to reach them).
+        num_samples: samples wanted from each split (megatron repeats epochs to reach them); None:
+            one pass over the split (not with ``weights``: megatron needs a size to blend by).
     """
     if weights is not None and len(weights) != len(prefixes):
         raise DataError(f"{len(weights)} blend weights for {len(prefixes)} datasets: give one weight per prefix")
     if weights is not None and (any(w <= 0 for w in weights)):
         raise DataError(f"blend weights must be > 0, got {weights}")
-    total_tokens = 0
     for prefix in prefixes:
-        dataset = check_indexed_dataset(prefix)
-        total_tokens += int(dataset.index.sequence_lengths.sum(dtype=np.int64))
-    split_parts = [float(p) for p in split.split(",")]
-    smallest = min(p for p in split_parts if p > 0) / sum(split_parts)
-    if (seq_length + 1) > total_tokens * smallest:
-        raise DataError(f"seq_length {seq_length} is longer than the smallest split holds "
-                        f"(~{int(total_tokens * smallest)} of {total_tokens} tokens with split {split}): "
-                        f"use a shorter sequence, more data, or another split")
+        check_splits(check_indexed_dataset(prefix), prefix, split, seq_length)
     if len(prefixes) > 1 and not dist.is_initialized():
         raise DataError("blending several datasets asks torch.distributed for the rank, and no process group is "
                         "up: run inside `with moge_ds.distributed.single_process_group():` (a lone process) or "

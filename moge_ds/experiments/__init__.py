@@ -3,6 +3,7 @@
     python -m moge_ds.experiments run experiments/vit_fmnist.yaml [--parallel 2]
     python -m moge_ds.experiments report experiments/vit_fmnist.yaml
     python -m moge_ds.experiments analyse experiments/vit_fmnist.yaml --point moe.num_experts=32,moe.top_k=1
+    python -m moge_ds.experiments topography experiments/vit_fmnist_lambda.yaml
 
 A sweep file names a preset, a ds_config, overrides common to every run, a grid, the arms
 (MoE/MoGE settings; one arm is the baseline) and the seeds. Every run writes its own directory
@@ -12,7 +13,8 @@ each arm minus the baseline, and a paired t-test over seeds (runs with the same 
 initialisation and data order, so the pairs are matched).
 
 ``sweep`` defines a sweep, ``runner`` launches its runs, ``report`` tabulates and plots them,
-``analyse`` compares the experts of matched runs.
+``analyse`` compares the experts of matched runs, ``topography`` measures the routers' topographic
+order per run and plots it against the paper's lambda.
 """
 
 from moge_ds.experiments.report import collect, paired_difference, write_report

@@ -13,16 +13,18 @@ from moge_ds.experiments.analyse import analyse_point
 from moge_ds.experiments.report import write_report
 from moge_ds.experiments.runner import run_sweep
 from moge_ds.experiments.sweep import Sweep, SweepError
+from moge_ds.experiments.topography import write_topography_report
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m moge_ds.experiments", description=DOC,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("command", choices=["run", "report", "list", "analyse"])
+    parser.add_argument("command", choices=["run", "report", "list", "analyse", "topography"])
     parser.add_argument("sweep", help="a sweep YAML, e.g. experiments/vit_fmnist.yaml")
     parser.add_argument("--parallel", type=int, default=1, help="runs at a time (CPU threads are split)")
     parser.add_argument("--point", default="", help="analyse: the grid point, e.g. moe.num_experts=32,moe.top_k=1")
     parser.add_argument("--seed", type=int, default=1, help="analyse: which seed's runs")
+    parser.add_argument("--probe", type=int, default=2000, help="topography: probe images, or about this many tokens")
     args = parser.parse_args(argv)
     try:
         sweep = Sweep.load(args.sweep)
@@ -36,6 +38,10 @@ def main(argv: list[str] | None = None) -> None:
         point = {k: yaml.safe_load(v) for k, v in (item.split("=") for item in args.point.split(",") if item)}
         with single_process_group():
             print(f"wrote {analyse_point(sweep, point, args.seed)}")
+        return
+    if args.command == "topography":
+        with single_process_group():
+            print(f"wrote {write_topography_report(sweep, args.probe)}")
         return
     if args.command == "run":
         run_sweep(sweep, args.parallel)

@@ -1,0 +1,220 @@
+"""Does the penalty organise the router, and does that help? Per run and per arm of a sweep.
+
+    python -m moge_ds.experiments topography experiments/vit_fmnist_lambda.yaml [--probe 2000]
+
+For every finished run: export the final checkpoint, route a probe from the test split, and keep
+the noise-free topography of each MoE layer (``topography.json`` in the run directory). Then per
+arm: the paper's lambda of the run, the validation metric, the topography measures and how far the
+run was from a plateau; the best MoGE arm chosen on validation, and its test metric against the
+baseline, once. Writes ``results/<name>/topography.{md,json}``, ``topography.png`` (metrics against
+lambda) and ``neighbour_curves.png`` (the training log's noise-free neighbour rate against step).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import tempfile
+from pathlib import Path
+
+import torch
+
+from moge_ds.analysis.report import model_batches, probe_inputs
+from moge_ds.analysis.routing import capture_routing
+from moge_ds.analysis.topography import MapGeometry, topography
+from moge_ds.config import config_from_dict, tokens_per_sample
+from moge_ds.experiments.report import paired_difference
+from moge_ds.experiments.sweep import Run, Sweep
+from moge_ds.monitor import read_history
+from moge_ds.topographic import default_map_shape
+
+MEASURES = ("top2_neighbour_rate", "top2_neighbour_chance", "map_smoothness", "border_bias", "entropy_normalized",
+            "group_sparsity_loss", "group_sparsity_loss_uniform")
+
+
+def paper_lambda(saved: dict) -> float:
+    """The paper's token-summed lambda of a run, from its saved ``config.json``."""
+    config, ds = config_from_dict(saved["config"]), saved["ds_config"]
+    moe = config.moe
+    tokens = ds["train_micro_batch_size_per_gpu"] * tokens_per_sample(config.model)
+    per_token = moe.aux_loss_weight * moe.gs_weight
+    return per_token / tokens if moe.reduction == "mean" else per_token
+
+
+@torch.no_grad()
+def run_topography(run_dir: Path, probe: int) -> dict:
+    """The noise-free topography of each MoE layer of a finished run (cached in ``topography.json``)."""
+    cached = run_dir / "topography.json"
+    if cached.is_file():
+        return json.loads(cached.read_text())
+    from moge_ds.export import export, load_export
+
+    with tempfile.TemporaryDirectory() as tmp:
+        model, config = load_export(export(run_dir / "checkpoints", Path(tmp) / "export"))
+    inputs, _, _ = probe_inputs(config, probe)
+    torch.manual_seed(0)
+    routing = capture_routing(model, model_batches(config, inputs))
+    moe = config.moe
+    geometry = MapGeometry(tuple(moe.map_shape) if moe.map_shape else default_map_shape(moe.num_experts),
+                           moe.window_size, moe.stride, moe.padding, moe.sigma_min)
+    result = {"paper_lambda": paper_lambda(json.loads((run_dir / "config.json").read_text())),
+              "gs_weight": moe.gs_weight, "padding": moe.padding,
+              "layers": [topography(layer.scores, geometry, moe.top_k) for layer in routing]}
+    cached.write_text(json.dumps(result, indent=1))
+    return result
+
+
+def plateau_gap(history: list[dict], metric: str) -> float:
+    """Change of the validation metric over the last quarter of the run (0: flat at the end)."""
+    evals = [r for r in history if r.get("split") == "valid" and metric in r]
+    if len(evals) < 2:
+        return math.nan
+    last_step = evals[-1]["step"]
+    earlier = [r for r in evals if r["step"] <= 0.75 * last_step] or evals[:1]
+    return evals[-1][metric] - earlier[-1][metric]
+
+
+def _mean(values: list[float]) -> float:
+    values = [v for v in values if not math.isnan(v)]
+    return sum(values) / len(values) if values else math.nan
+
+
+def arm_summary(sweep: Sweep, point, arm: str, probe: int) -> dict | None:
+    """Seeds of one arm: metrics per split, topography averaged over layers, plateau gap."""
+    seeds = {}
+    for seed in sweep.seeds:
+        run_dir = sweep.root / "runs" / Run(point, arm, seed).name
+        if not (run_dir / "metrics.json").is_file():
+            continue
+        metrics = json.loads((run_dir / "metrics.json").read_text())
+        topo = run_topography(run_dir, probe)
+        seeds[seed] = {"valid": metrics["valid"][sweep.metric], "test": metrics["test"][sweep.metric],
+                       "plateau_gap": plateau_gap(read_history(run_dir / "history.jsonl"), sweep.metric),
+                       **{m: _mean([layer[m] for layer in topo["layers"]]) for m in MEASURES},
+                       "paper_lambda": topo["paper_lambda"], "gs_weight": topo["gs_weight"],
+                       "padding": topo["padding"]}
+    if not seeds:
+        return None
+    first = next(iter(seeds.values()))
+    summary = {"arm": arm, "seeds": seeds, "paper_lambda": first["paper_lambda"], "gs_weight": first["gs_weight"],
+               "padding": first["padding"]}
+    for key in ("valid", "test", "plateau_gap", *MEASURES):
+        values = [s[key] for s in seeds.values()]
+        summary[key] = _mean(values)
+        summary[key + "_std"] = float(torch.tensor(values).std()) if len(values) > 1 else math.nan
+    return summary
+
+
+def choose_on_validation(sweep: Sweep, arms: list[dict]) -> dict:
+    """The best non-baseline arm by mean validation metric, and its test metric against the baseline,
+    paired over seeds: the one test-split comparison of the sweep."""
+    base = next(a for a in arms if a["arm"] == sweep.baseline)
+    candidates = [a for a in arms if a["arm"] != sweep.baseline]
+    sign = 1 if sweep.higher_is_better else -1
+    best = max(candidates, key=lambda a: sign * a["valid"])
+    seeds = sorted(set(best["seeds"]) & set(base["seeds"]))
+    test = paired_difference([best["seeds"][s]["test"] for s in seeds], [base["seeds"][s]["test"] for s in seeds],
+                             sweep.higher_is_better)
+    valid = paired_difference([best["seeds"][s]["valid"] for s in seeds],
+                              [base["seeds"][s]["valid"] for s in seeds], sweep.higher_is_better)
+    return {"chosen": best["arm"], "paper_lambda": best["paper_lambda"], "padding": best["padding"],
+            "seeds": seeds, "valid_difference": valid, "test_difference": test,
+            "test": {"chosen": best["test"], "baseline": base["test"]}}
+
+
+def _fmt(value: float, std: float, digits: int = 3) -> str:
+    if math.isnan(value):
+        return "-"
+    return f"{value:.{digits}f}" + ("" if math.isnan(std) else f" ± {std:.{digits}f}")
+
+
+def write_topography_report(sweep: Sweep, probe: int = 2000) -> Path:
+    point = sweep.runs()[0].point
+    arms = [s for s in (arm_summary(sweep, point, arm, probe) for arm in sweep.arms) if s is not None]
+    choice = choose_on_validation(sweep, arms)
+    (sweep.root / "topography.json").write_text(json.dumps({"arms": arms, "choice": choice}, indent=1))
+    m = sweep.metric
+    lines = [f"# {sweep.name}: does the penalty organise the router, and does that help?", "",
+             f"Per arm, mean ± std over seeds {sweep.seeds}; topography measured on the noise-free scores of "
+             f"{probe} probe {'images' if 'vit' in sweep.preset else 'tokens'} from the test split, averaged over "
+             f"the MoE layers. Plateau gap: change of the validation {m} over the last quarter of the run.", "",
+             f"| arm | paper lambda | gs_weight | padding | valid {m} | plateau gap | top-2 neighbours | chance | "
+             f"smoothness | border bias | entropy (norm.) | GS loss / uniform |", "|" + "---|" * 12]
+    for a in arms:
+        ratio = a["group_sparsity_loss"] / a["group_sparsity_loss_uniform"]
+        lines.append(f"| {a['arm']} | {a['paper_lambda']:.2g} | {a['gs_weight']:.4g} | {a['padding']} | "
+                     f"{_fmt(a['valid'], a['valid_std'], 4)} | {a['plateau_gap']:+.4f} | "
+                     f"{_fmt(a['top2_neighbour_rate'], a['top2_neighbour_rate_std'])} | "
+                     f"{a['top2_neighbour_chance']:.3f} | {_fmt(a['map_smoothness'], a['map_smoothness_std'])} | "
+                     f"{_fmt(a['border_bias'], a['border_bias_std'])} | {a['entropy_normalized']:.3f} | "
+                     f"{ratio:.3f} |")
+    test, valid = choice["test_difference"], choice["valid_difference"]
+    lines += ["", f"**Chosen on validation:** `{choice['chosen']}` (paper lambda {choice['paper_lambda']:.2g}, "
+              f"{choice['padding']} padding): valid {m} {valid['mean']:+.4f} ± {valid['std']:.4f} against "
+              f"`{sweep.baseline}`.", "",
+              f"**Test, reported once:** {choice['chosen']} {choice['test']['chosen']:.4f} vs {sweep.baseline} "
+              f"{choice['test']['baseline']:.4f}; paired difference {test['mean']:+.4f} ± {test['std']:.4f} over "
+              f"seeds {choice['seeds']} (paired t p = {test['p']:.3f})." if test["p"] is not None else "", "",
+              "![metrics against lambda](topography.png)", "", "![neighbour rate during training]"
+              "(neighbour_curves.png)", "",
+              f"Reproduce: `python -m moge_ds.experiments run experiments/{sweep.name}.yaml`, then "
+              f"`python -m moge_ds.experiments topography experiments/{sweep.name}.yaml`.", ""]
+    (sweep.root / "topography.md").write_text("\n".join(lines))
+    _plot_against_lambda(sweep, arms, sweep.root / "topography.png")
+    _plot_neighbour_curves(sweep, point, sweep.root / "neighbour_curves.png")
+    return sweep.root / "topography.md"
+
+
+def _plot_against_lambda(sweep: Sweep, arms: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = [("valid", f"valid {sweep.metric}"), ("top2_neighbour_rate", "top-2 map-neighbour rate"),
+              ("map_smoothness", "map smoothness"), ("border_bias", "border bias (load vs coverage)")]
+    base = next(a for a in arms if a["arm"] == sweep.baseline)
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.6))
+    for axis, (key, title) in zip(axes, panels):
+        for padding, colour in (("valid", "tab:blue"), ("circular", "tab:orange")):
+            pts = sorted((a["paper_lambda"], a[key], a[key + "_std"]) for a in arms
+                         if a["arm"] != sweep.baseline and a["padding"] == padding)
+            if pts:
+                x, y, e = zip(*pts)
+                axis.errorbar(x, y, yerr=[0 if math.isnan(v) else v for v in e], marker="o", capsize=3,
+                              color=colour, label=f"MoGE, {padding} padding")
+        if not math.isnan(base[key]):
+            axis.axhline(base[key], color="black", linestyle="--", label=sweep.baseline)
+        if key == "top2_neighbour_rate":
+            axis.axhline(base["top2_neighbour_chance"], color="grey", linestyle=":", label="chance (valid map)")
+        axis.set_xscale("log")
+        axis.set_xlabel("paper lambda (token-summed)")
+        axis.set_title(title, fontsize=9)
+    axes[0].legend(fontsize=7)
+    fig.suptitle(sweep.name)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _plot_neighbour_curves(sweep: Sweep, point, path: Path) -> None:
+    """The training log's noise-free top-2 neighbour rate (mean over layers) against step, first seed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axis = plt.subplots(figsize=(7, 4))
+    for arm in sweep.arms:
+        history = read_history(sweep.root / "runs" / Run(point, arm, sweep.seeds[0]).name / "history.jsonl")
+        points = [(r["step"], _mean([v for k, v in r.items() if k.startswith("top2_neighbour_rate/")]))
+                  for r in history if "split" not in r]
+        if points:
+            axis.plot(*zip(*points), label=arm, linestyle="--" if arm == sweep.baseline else "-")
+    axis.set_xlabel("step")
+    axis.set_ylabel("top-2 map-neighbour rate (noise-free, training batch)")
+    axis.set_title(f"{sweep.name}, seed {sweep.seeds[0]}")
+    axis.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
