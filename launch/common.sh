@@ -49,6 +49,22 @@ check_common_options() {
   [[ -f "$ds_config" ]] || die "ds_config '$ds_config' does not exist (see ds_configs/)"
 }
 
+# Run a launcher so that stopping this script stops every rank: DeepSpeed's runner does not pass
+# SIGTERM on (Slurm's time limit, `kill`, some shells' Ctrl-C), so its ranks would run on. The
+# launcher gets a process group of its own, and TERM/INT/HUP go to the whole group.
+run_launcher() {
+  set -m
+  "$@" &
+  local pid=$!
+  set +m
+  trap 'kill -TERM -- "-$pid" 2>/dev/null; trap - TERM INT HUP' TERM INT HUP
+  local status=0
+  wait "$pid" || status=$?
+  # wait returns early when a trapped signal arrives: then wait for the group to finish stopping.
+  while kill -0 "$pid" 2>/dev/null; do wait "$pid" || status=$?; done
+  return "$status"
+}
+
 require_int() {  # name value
   [[ "$2" =~ ^[1-9][0-9]*$ ]] || die "$1 must be a positive integer, got '$2'"
 }

@@ -108,4 +108,4 @@ if ((dry_run)); then
   PATH="$stubs:$PATH" "${cmd[@]}" 2>/dev/null | grep '^backend: '
   exit 0
 fi
-exec "${cmd[@]}"
+run_launcher "${cmd[@]}"

@@ -28,4 +28,4 @@ if ((dry_run)); then
   exit 0
 fi
 port_free 127.0.0.1 "$master_port" || die "port $master_port is in use: pass --master-port or set MASTER_PORT"
-exec "${cmd[@]}"
+run_launcher "${cmd[@]}"

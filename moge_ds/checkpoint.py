@@ -17,6 +17,7 @@ import logging
 import os
 import re
 import shutil
+import zipfile
 from pathlib import Path
 from typing import Optional
 
@@ -30,7 +31,15 @@ _TAG = re.compile(r"^step(\d+)$")
 
 
 class CheckpointError(RuntimeError):
-    """A checkpoint that cannot be used; the message names the file and the problem."""
+    """A checkpoint that cannot be used; the message names the file and the problem.
+
+    ``rank_specific``: found by this rank only (other ranks may not see the file), so this rank
+    reports it rather than rank 0 alone.
+    """
+
+    def __init__(self, message: str, rank_specific: bool = False):
+        super().__init__(message)
+        self.rank_specific = rank_specific
 
 
 def tag_for(step: int) -> str:
@@ -84,18 +93,70 @@ def read_state(checkpoint_dir: Path) -> dict:
         raise CheckpointError(f"{path} is corrupt: {err}") from None
 
 
-def resume(engine, root: Path, world_size: int, ep_size: int) -> Optional[dict]:
-    """Load the newest complete checkpoint under ``root`` into ``engine``; None if there is none.
+def newest_tag(root: Path) -> Optional[str]:
+    """The tag to resume from: the one ``latest`` names when that save is complete, else the newest
+    complete tag by step (a crash between a save and the update of ``latest``); None if none."""
+    tags = complete_tags(root)
+    latest = root / "latest"
+    named = latest.read_text().strip() if latest.is_file() else None
+    if named in tags:
+        return named
+    if named is not None and not tags:
+        raise CheckpointError(f"{latest} names {named}, but {root} holds no complete checkpoint (no step<N>/"
+                              f"{STATE_FILE}): restore the checkpoints, or start afresh with --overwrite")
+    if named is not None:
+        log.warning("%s names %s, which is not a complete checkpoint: resuming from %s", latest, named, tags[-1])
+    return tags[-1] if tags else None
+
+
+def damaged_files(tag_dir: Path) -> list[str]:
+    """The ``.pt`` files of a checkpoint that are not whole torch archives (truncated, overwritten).
+
+    Reads only each archive's directory at its end, so it is cheap for any checkpoint size.
+    """
+    damaged = []
+    for path in sorted(tag_dir.glob("*.pt")):
+        try:
+            zipfile.ZipFile(path).close()
+        except (zipfile.BadZipFile, OSError) as err:
+            damaged.append(f"{path} ({err})")
+    return damaged
+
+
+def check_readable(tag_dir: Path) -> None:
+    """Every rank checks the files it can see; all fail together (no rank waits alone in a collective),
+    and the ranks that found a damaged file name it."""
+    damaged = damaged_files(tag_dir)
+    found = torch.tensor([float(bool(damaged))])
+    if dist.is_initialized():
+        dist.all_reduce(found, op=dist.ReduceOp.MAX)
+    if damaged:
+        raise CheckpointError(f"damaged checkpoint files: {'; '.join(damaged)}. Resume from an earlier "
+                              f"checkpoint (move this tag away) or start afresh with --overwrite", rank_specific=True)
+    if found.item():
+        raise CheckpointError(f"another rank found a damaged file in {tag_dir} (its message names it)")
+
+
+def find_resume_tag(root: Path) -> Optional[str]:
+    """The tag :func:`newest_tag` picks, checked readable on every rank (collective); None if none.
+
+    Called before the engine is built, so a bad checkpoint stops the run before it writes anything.
+    """
+    tag = newest_tag(root)
+    if tag is not None:
+        read_state(root / tag)
+        check_readable(root / tag)
+    return tag
+
+
+def resume(engine, root: Path, tag: str, world_size: int, ep_size: int) -> dict:
+    """Load checkpoint ``tag`` (from :func:`find_resume_tag`) under ``root`` into ``engine``; its state.
 
     Model weights load whatever the world and expert-parallel sizes (DeepSpeed stores every expert
     in its own file, named by global index). ZeRO's optimizer partitions depend on both sizes, so
     when either changed the optimizer state is reset (with a warning) and the RNG states, which
     belong to the old ranks, are not restored.
     """
-    tags = complete_tags(root)
-    if not tags:
-        return None
-    tag = tags[-1]
     state = read_state(root / tag)
     same_layout = (state.get("world_size"), state.get("ep_size")) == (world_size, ep_size)
     rank = dist.get_rank() if dist.is_initialized() else 0

@@ -276,6 +276,27 @@ def _check_with_deepspeed(ds: dict) -> None:
                           f"Check the spelling against the DeepSpeed config reference")
 
 
+def _check_optimizer_params(ds: dict) -> None:
+    """Adam's parameters, which DeepSpeed passes to the optimizer's constructor only at initialize (a
+    misspelled one is a TypeError after the model is built): checked against those constructors."""
+    optimizer = ds.get("optimizer") or {}
+    if str(optimizer.get("type", "")).lower() not in ("adam", "adamw"):
+        return
+    import inspect
+
+    import torch.optim
+    from deepspeed.ops.adam import DeepSpeedCPUAdam, FusedAdam
+    from deepspeed.runtime.config import ADAM_W_MODE, TORCH_ADAM_PARAM
+
+    allowed = {TORCH_ADAM_PARAM, ADAM_W_MODE}
+    for cls in (torch.optim.Adam, torch.optim.AdamW, FusedAdam, DeepSpeedCPUAdam):
+        allowed |= set(inspect.signature(cls).parameters) - {"params", "model_params"}
+    unknown = sorted(set(optimizer.get("params", {})) - allowed)
+    if unknown:
+        raise ConfigError(f"ds_config optimizer {optimizer['type']} has unknown params {unknown}: allowed are "
+                          f"{sorted(allowed)}")
+
+
 def fill_auto(config: Config, ds: dict, world_size: int) -> dict:
     """A copy of ``ds`` with ``"auto"`` resolved: ``train_batch_size`` (micro x accumulation x world),
     the scheduler's ``total_num_steps`` (``train.steps``), monitors' ``output_path`` (under the run dir)."""
@@ -398,6 +419,7 @@ def validate(config: Config, ds: dict, world_size: int, bf16_supported: bool = T
     _check_batch_and_precision(ds, world_size, bf16_supported, fp16_supported)
     _check_parallel(config, ds, world_size)
     _check_with_deepspeed(ds)
+    _check_optimizer_params(ds)
     resolve_gs_lambda(config, ds["train_micro_batch_size_per_gpu"])
     return ds
 

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_model, save_model
 
-from moge_ds.checkpoint import STATE_FILE, CheckpointError, complete_tags, read_state
+from moge_ds.checkpoint import STATE_FILE, CheckpointError, newest_tag, read_state
 from moge_ds.config import Config, ConfigError, config_from_dict
 from moge_ds.models import build_model
 
@@ -28,15 +28,15 @@ _EXPERT_FILE = re.compile(r"^layer_(\d+)_expert_(\d+)_mp_rank_00_model_states\.p
 
 
 def checkpoint_dir(path: Path) -> Path:
-    """A tag directory: ``path`` itself, or the newest complete one under a checkpoints root."""
+    """A tag directory: ``path`` itself, or the one a resume would take under a checkpoints root."""
     if not path.exists():
         raise CheckpointError(f"checkpoint path {path} does not exist")
     if (path / STATE_FILE).is_file():
         return path
-    tags = complete_tags(path)
-    if not tags:
+    tag = newest_tag(path)
+    if tag is None:
         raise CheckpointError(f"{path} holds no complete moge-ds checkpoint (no step<N>/{STATE_FILE})")
-    return path / tags[-1]
+    return path / tag
 
 
 def consolidated_state_dict(tag_dir: Path) -> dict[str, torch.Tensor]:

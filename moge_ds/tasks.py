@@ -64,7 +64,7 @@ class LanguageModelling:
                                         (total_micro_batches * micro_batch * world, *held_out), data.split,
                                         config.train.seed)
         evaluated = set(config.train.final_eval) | ({"valid"} if config.train.eval_interval else set())
-        for name in sorted(evaluated):
+        for name in [s for s in ("valid", "test") if s in evaluated]:
             if getattr(self.splits, name) is None:
                 raise DataError(f"data.split {data.split!r} gives the {name} split no share, but the run evaluates "
                                 f"it (train.final_eval {config.train.final_eval}, train.eval_interval "

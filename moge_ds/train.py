@@ -15,6 +15,7 @@ import argparse
 import json
 import logging
 import os
+import shutil
 import sys
 import time
 from datetime import timedelta
@@ -29,6 +30,7 @@ from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optim
 from moge_ds import checkpoint
 from moge_ds.config import Config, ConfigError, load_config, load_ds_config, validate
 from moge_ds.data.documents import DataError
+from moge_ds.distributed import set_timeout_of_every_group
 from moge_ds.gate import set_sigma_step
 from moge_ds.models import build_model
 from moge_ds.monitor import RunLog, gate_terms, gather_expert_load, plot_loss_curve, read_history
@@ -44,15 +46,22 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--deepspeed_config", required=True, help="DeepSpeed JSON, e.g. ds_configs/cpu.json")
     parser.add_argument("--set", nargs="*", default=[], metavar="SECTION.FIELD=VALUE", help="override our config")
     parser.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="start afresh in a run directory that holds an earlier run (its records are removed)")
     parser.add_argument("--local_rank", type=int, default=int(os.environ.get("LOCAL_RANK", 0)))
     return parser.parse_args(argv)
 
 
 class InputError(Exception):
-    """Bad input found before training; ``kind`` says which (config, data, checkpoint)."""
+    """Bad input found before training; ``kind`` says which (config, data, checkpoint, run directory).
+
+    Rank 0 reports what every rank found alike; a rank-specific finding (a file only this rank
+    reads) is reported by the rank that found it.
+    """
 
     def __init__(self, kind: str, err: Exception):
         super().__init__(f"{kind} error: {err}")
+        self.rank_specific = getattr(err, "rank_specific", False)
 
 
 def setup(args: argparse.Namespace) -> tuple[Config, dict]:
@@ -62,6 +71,8 @@ def setup(args: argparse.Namespace) -> tuple[Config, dict]:
     except ConfigError as err:
         raise InputError("config", err) from None
     config.train.resume = config.train.resume or args.resume
+    if config.train.resume and args.overwrite:
+        raise InputError("config", ConfigError("--resume and --overwrite contradict each other: choose one"))
     # mpirun starts ranks without RANK/MASTER_ADDR: DeepSpeed then discovers them through mpi4py.
     accelerator = get_accelerator()
     deepspeed.init_distributed(dist_backend=accelerator.communication_backend_name(),
@@ -72,7 +83,29 @@ def setup(args: argparse.Namespace) -> tuple[Config, dict]:
                              accelerator.is_bf16_supported(), bool(accelerator.is_fp16_supported()))
     except ConfigError as err:
         raise InputError("config", err) from None
+    claim_run_dir(Path(config.train.output_dir), config.train.resume, args.overwrite)
     return config, ds_config
+
+
+# What a run writes into its directory; --overwrite removes exactly these.
+RUN_RECORDS = ("checkpoints", "history.jsonl", "metrics.json", "config.json", "loss_curve.png", "monitor")
+
+
+def claim_run_dir(out: Path, resume: bool, overwrite: bool) -> None:
+    """Refuse to start afresh over an earlier run unless asked to; every rank gets rank 0's verdict
+    (ranks on other nodes may not see the directory), so none goes on alone into a collective."""
+    earlier = [name for name in RUN_RECORDS if (out / name).exists()]
+    refuse = torch.tensor([float(bool(earlier) and not resume and not overwrite)])
+    dist.broadcast(refuse, src=0)
+    if refuse.item():
+        raise InputError("run directory", FileExistsError(
+            f"{out} holds an earlier run ({', '.join(earlier)}): continue it with --resume, start afresh over it "
+            f"with --overwrite, or give another train.output_dir"))
+    if overwrite and dist.get_rank() == 0:
+        for name in earlier:
+            path = out / name
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
+    dist.barrier()
 
 
 class Trainer:
@@ -93,11 +126,12 @@ class Trainer:
                                    self.device)
         except (DataError, ValueError) as err:
             raise InputError("data", err) from None
-        self.engine = self._build_engine()
         self.step = self.start_step = self.consumed = 0
         self.started = time.perf_counter()
-        if config.train.resume:
-            self.resume()
+        resume_tag = self._find_resume_tag() if config.train.resume else None
+        self.engine = self._build_engine()
+        if resume_tag is not None:
+            self.resume(resume_tag)
         if self.rank == 0:
             self.out.mkdir(parents=True, exist_ok=True)
             (self.out / "config.json").write_text(json.dumps({"config": config.to_dict(), "ds_config": ds_config},
@@ -110,22 +144,28 @@ class Trainer:
         param_groups = split_params_into_different_moe_groups_for_optimizer(
             {"params": [p for p in model.parameters() if p.requires_grad], "name": "parameters"})
         engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=param_groups, config=self.ds_config)
+        set_timeout_of_every_group(timedelta(seconds=config.train.dist_timeout_s))
         if self.rank == 0:
             log.info("model %s: %.2fM parameters on this rank; %d ranks, ep_size %d, gs_weight %g, %d steps",
                      config.model.kind, sum(p.numel() for p in model.parameters()) / 1e6, self.world,
                      config.moe.ep_size, config.moe.gs_weight, config.train.steps)
         return engine
 
-    def resume(self) -> None:
-        """Continue from the newest complete checkpoint, if there is one."""
+    def _find_resume_tag(self) -> str | None:
         try:
-            state = checkpoint.resume(self.engine, self.ckpt_root, self.world, self.config.moe.ep_size)
+            tag = checkpoint.find_resume_tag(self.ckpt_root)
         except checkpoint.CheckpointError as err:
             raise InputError("checkpoint", err) from None
-        if state is None:
-            if self.rank == 0:
-                log.info("no complete checkpoint under %s: starting from scratch", self.ckpt_root)
-            return
+        if tag is None and self.rank == 0:
+            log.info("no complete checkpoint under %s: starting from scratch", self.ckpt_root)
+        return tag
+
+    def resume(self, tag: str) -> None:
+        """Continue from checkpoint ``tag``: weights, optimizer (same layout), step and data position."""
+        try:
+            state = checkpoint.resume(self.engine, self.ckpt_root, tag, self.world, self.config.moe.ep_size)
+        except checkpoint.CheckpointError as err:
+            raise InputError("checkpoint", err) from None
         self.step = self.start_step = state["step"]
         self.consumed = state["consumed_samples"]
         if self.rank == 0:
@@ -230,7 +270,9 @@ def main(argv: list[str] | None = None) -> dict:
     except InputError as err:
         # Before torch.distributed is up, the launcher's RANK says who reports (mpirun: all do).
         rank = dist.get_rank() if dist.is_initialized() else int(os.environ.get("RANK", 0))
-        if rank == 0:
+        if err.rank_specific:
+            print(f"moge_ds.train: rank {rank}: {err}", file=sys.stderr)
+        elif rank == 0:
             print(f"moge_ds.train: {err}", file=sys.stderr)
         sys.exit(2)
     metrics = trainer.finish() if trainer.train() else {}
@@ -239,9 +281,20 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 def cli() -> None:
-    """``python -m moge_ds.train``: train, then shut the process group down cleanly (gloo aborts otherwise)."""
+    """``python -m moge_ds.train``: train, then shut every process group down (gloo aborts otherwise).
+
+    A collective that failed (a rank died, hangs or was stopped, and ``train.dist_timeout_s``
+    passed) ends this rank with one paragraph and exit status 1: the groups are broken then, and
+    tearing them down could wait on the lost rank.
+    """
     try:
         main()
+    except dist.DistError as err:
+        rank = dist.get_rank() if dist.is_initialized() else os.environ.get("RANK", "?")
+        print(f"moge_ds.train: rank {rank}: a collective failed, so another rank died, hangs or was stopped "
+              f"(collectives wait at most train.dist_timeout_s): {str(err).splitlines()[0][:500]}",
+              file=sys.stderr, flush=True)
+        os._exit(1)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

@@ -11,6 +11,7 @@ import glob
 import json
 import logging
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Literal
@@ -42,6 +43,16 @@ class SourceSpec:
     doc_per: Literal["file", "line"] = "file"  # plain text: one document per file or per line
     on_decode_error: OnDecodeError = "strict"
     hf_split: str = "train"
+    # Plain text: a line matching this regex (whole line) ends a document, e.g. "%" (fortune files)
+    # or "From .*" (mbox); the separator lines themselves are dropped. Overrides doc_per.
+    doc_separator: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.doc_separator is not None:
+            try:
+                re.compile(self.doc_separator)
+            except re.error as err:
+                raise DataError(f"--doc-separator {self.doc_separator!r} is not a regular expression: {err}") from None
 
 
 def expand_inputs(inputs: tuple[str, ...]) -> list[str]:
@@ -79,11 +90,27 @@ def _text_documents(path: str, spec: SourceSpec) -> Iterator[str]:
     text = _decode(Path(path).read_bytes(), path, spec.on_decode_error)
     if text is None:
         return
-    if spec.doc_per == "file":
+    if spec.doc_separator is not None:
+        yield from _split_at_separators(text, spec.doc_separator)
+    elif spec.doc_per == "file":
         if text.strip():
             yield text
     else:
         yield from (line for line in text.splitlines() if line.strip())
+
+
+def _split_at_separators(text: str, separator: str) -> Iterator[str]:
+    pattern = re.compile(separator)
+    lines: list[str] = []
+    for line in text.splitlines(keepends=True):
+        if pattern.fullmatch(line.rstrip("\r\n")):
+            if "".join(lines).strip():
+                yield "".join(lines)
+            lines = []
+        else:
+            lines.append(line)
+    if "".join(lines).strip():
+        yield "".join(lines)
 
 
 def _jsonl_documents(path: str, spec: SourceSpec) -> Iterator[str]:
@@ -107,7 +134,13 @@ def _jsonl_documents(path: str, spec: SourceSpec) -> Iterator[str]:
 def _parquet_documents(path: str, spec: SourceSpec) -> Iterator[str]:
     import pyarrow.parquet as pq
 
-    table = pq.ParquetFile(path)
+    import pyarrow
+
+    try:
+        table = pq.ParquetFile(path)
+    except (pyarrow.ArrowInvalid, OSError) as err:
+        raise DataError(f"{path} is not a Parquet file ({err}): name it by its format (.txt, .jsonl, .parquet)") \
+            from None
     if spec.text_field not in table.schema_arrow.names:
         raise DataError(f"{path} has no column {spec.text_field!r} (it has {table.schema_arrow.names}); "
                         f"choose the column with --text-field")
@@ -135,6 +168,7 @@ def documents_of(path: str, spec: SourceSpec) -> Iterator[str]:
         return _jsonl_documents(path, spec)
     if path.endswith(".parquet"):
         return _parquet_documents(path, spec)
+
     return _text_documents(path, spec)
 
 

@@ -7,11 +7,13 @@ CLI::
 
 Each document is tokenized and followed by one EOD token. Outputs are written under temporary
 names and renamed once complete, so an interrupted run leaves no half-written dataset.
+``PREFIX.tokenizer.json`` records which tokenizer made the data (training refuses another one).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import multiprocessing as mp
 import os
 import time
@@ -25,6 +27,9 @@ from tqdm import tqdm
 
 from moge_ds.data.documents import DataError, SourceSpec, iter_documents
 from moge_ds.data.tokenizer import Tokenizer, add_source_args, source_from_args
+
+# Beside PREFIX.bin/.idx: the identity of the tokenizer that made them, checked when training starts.
+TOKENIZER_SUFFIX = ".tokenizer.json"
 
 _worker_tokenizer: Tokenizer | None = None
 
@@ -76,13 +81,14 @@ def preprocess(spec: SourceSpec, tokenizer_path: str, output_prefix: str, worker
         if documents == 0:
             raise DataError(f"no documents in {spec.inputs}")
         builder.finalize(f"{tmp_prefix}.idx")
-        os.replace(f"{tmp_prefix}.bin", f"{output_prefix}.bin")
-        os.replace(f"{tmp_prefix}.idx", f"{output_prefix}.idx")
+        Path(f"{tmp_prefix}{TOKENIZER_SUFFIX}").write_text(json.dumps(tokenizer.identity, indent=1))
+        for suffix in (".bin", ".idx", TOKENIZER_SUFFIX):
+            os.replace(f"{tmp_prefix}{suffix}", f"{output_prefix}{suffix}")
     finally:
         if pool is not None:
             pool.terminate()
         builder.data_file.close()
-        for suffix in (".bin", ".idx"):
+        for suffix in (".bin", ".idx", TOKENIZER_SUFFIX):
             Path(f"{tmp_prefix}{suffix}").unlink(missing_ok=True)
     return PreprocessStats(documents, tokens, time.perf_counter() - start)
 

@@ -8,6 +8,8 @@ resumed run continues with exactly the batch it would have seen.
 
 from __future__ import annotations
 
+import json
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +24,27 @@ from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
 from megatron.core.datasets.indexed_dataset import IndexedDataset
 
 from moge_ds.data.documents import DataError
+from moge_ds.data.preprocess import TOKENIZER_SUFFIX
 from moge_ds.data.tokenizer import Tokenizer
+
+log = logging.getLogger(__name__)
+
+
+def check_tokenizer_matches(prefix: str, tokenizer: Tokenizer) -> None:
+    """The tokenizer that made ``prefix`` (recorded at preprocessing) is ``tokenizer``, or refuse:
+    a smaller vocabulary fails on out-of-range ids, a larger one trains on the wrong tokens silently."""
+    record = Path(prefix + TOKENIZER_SUFFIX)
+    if not record.is_file():
+        log.warning("%s has no %s (made before moge-ds recorded it): cannot check that %s made it", prefix,
+                    TOKENIZER_SUFFIX, tokenizer.path)
+        return
+    made_by = json.loads(record.read_text())
+    ours = tokenizer.identity
+    if (made_by["sha256"], made_by["vocab_size"]) != (ours["sha256"], ours["vocab_size"]):
+        raise DataError(f"{prefix} was tokenized by {made_by['model']} (vocab {made_by['vocab_size']}, sha256 "
+                        f"{made_by['sha256'][:12]}), not by data.tokenizer {ours['model']} (vocab "
+                        f"{ours['vocab_size']}, sha256 {ours['sha256'][:12]}): use that tokenizer, or re-run "
+                        f"python -m moge_ds.data.preprocess with this one")
 
 
 def check_indexed_dataset(prefix: str) -> IndexedDataset:
@@ -116,6 +138,7 @@ def build_text_splits(prefixes: list[str],
         raise DataError(f"blend weights must be > 0, got {weights}")
     for prefix in prefixes:
         check_splits(check_indexed_dataset(prefix), prefix, split, seq_length)
+        check_tokenizer_matches(prefix, tokenizer)
     if len(prefixes) > 1 and not dist.is_initialized():
         raise DataError("blending several datasets asks torch.distributed for the rank, and no process group is "
                         "up: run inside `with moge_ds.distributed.single_process_group():` (a lone process) or "

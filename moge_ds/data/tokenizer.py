@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import hashlib
 import os
 import random
 from pathlib import Path
@@ -36,6 +37,12 @@ class Tokenizer:
         # megatron-core hashes this into the names of its cached sample indices.
         self.unique_identifiers = {"class": "moge_ds.Tokenizer", "model": str(path.resolve()),
                                    "bytes": path.stat().st_size}
+
+    @property
+    def identity(self) -> dict:
+        """What an indexed dataset records of the tokenizer that made it: the model file's hash and size."""
+        return {"sha256": hashlib.sha256(self.path.read_bytes()).hexdigest(), "vocab_size": self.vocab_size,
+                "model": str(self.path)}
 
     @property
     def vocab_size(self) -> int:
@@ -127,12 +134,16 @@ def add_source_args(parser: argparse.ArgumentParser, default_input: str | None =
                         help="files or globs (txt, jsonl, parquet) or hf:NAME[:CONFIG]; default: Python 3.11 docs")
     parser.add_argument("--text-field", default="text", help="JSONL/parquet/HF field holding the text")
     parser.add_argument("--doc-per", choices=["file", "line"], default="file", help="plain text: document unit")
+    parser.add_argument("--doc-separator", metavar="REGEX",
+                        help="plain text: a line matching REGEX (whole line) separates documents, e.g. '%%' "
+                             "(fortune files) or 'From .*' (mbox)")
     parser.add_argument("--on-decode-error", choices=["strict", "replace", "skip"], default="strict")
     parser.add_argument("--hf-split", default="train")
 
 
 def source_from_args(args: argparse.Namespace) -> SourceSpec:
-    return SourceSpec(tuple(args.input), args.text_field, args.doc_per, args.on_decode_error, args.hf_split)
+    return SourceSpec(tuple(args.input), args.text_field, args.doc_per, args.on_decode_error, args.hf_split,
+                      args.doc_separator)
 
 
 def main(argv: list[str] | None = None) -> None:

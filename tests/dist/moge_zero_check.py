@@ -14,6 +14,7 @@ import torch
 import torch.distributed as dist
 from deepspeed.moe.utils import is_moe_param, split_params_into_different_moe_groups_for_optimizer
 
+from moge_ds.distributed import shutdown
 from moge_ds.layer import MoGE
 
 
@@ -42,7 +43,7 @@ def main():
     rank = dist.get_rank()
     results = {stage: train_save_load(stage, rank, f"{args.out}/zero{stage}") for stage in args.zero}
     json.dump(results, open(f"{args.out}/rank{rank}.json", "w"))
-    dist.destroy_process_group()
+    shutdown()
 
 
 def train_save_load(stage, rank, ckpt_dir):

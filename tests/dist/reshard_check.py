@@ -12,6 +12,7 @@ from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optim
 
 from moge_ds import checkpoint
 from moge_ds.config import load_config, load_ds_config, validate
+from moge_ds.distributed import shutdown
 from moge_ds.models import build_model
 
 
@@ -30,7 +31,8 @@ def main():
     model = build_model(config, config.model.vocab_size, ep_rank=rank % config.moe.ep_size)
     groups = split_params_into_different_moe_groups_for_optimizer({"params": list(model.parameters()), "name": "p"})
     engine, *_ = deepspeed.initialize(model=model, model_parameters=groups, config=ds)
-    state = checkpoint.resume(engine, args.checkpoints, world, config.moe.ep_size)
+    state = checkpoint.resume(engine, args.checkpoints, checkpoint.find_resume_tag(args.checkpoints), world,
+                              config.moe.ep_size)
     engine.eval()
     tokens = torch.randint(0, config.model.vocab_size, (4, config.model.seq_length),
                            generator=torch.Generator().manual_seed(0))
@@ -45,7 +47,7 @@ def main():
     if rank == 0:
         torch.save(logits, args.out / "logits.pt")
         (args.out / "result.json").write_text(json.dumps({"step": state["step"], "loss_after": loss.item()}))
-    dist.destroy_process_group()
+    shutdown()
 
 
 if __name__ == "__main__":

@@ -1,0 +1,320 @@
+"""Bad input, frozen ranks, stopped launchers, dry runs: every one ends in one clear paragraph, in
+bounded time, with nothing written or lost. Real processes throughout (no mocks)."""
+
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from moge_ds.data.documents import SourceSpec
+from moge_ds.data.preprocess import preprocess
+from moge_ds.data.tokenizer import train_tokenizer
+from tests.launching import BIN, REPO, TINY, free_port, launch_deepspeed, make_corpus, tiny_train_args
+
+pytestmark = pytest.mark.slow
+
+LAUNCH = REPO / "launch"
+ONE_RANK = [o for o in TINY if not o.startswith("moe.ep_size")] + ["moe.ep_size=1"]
+
+
+def one_rank_env() -> dict:
+    """What a launcher gives a lone rank."""
+    return {**os.environ, "RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": str(free_port()), "PYTHONUNBUFFERED": "1"}
+
+
+def train_cmd(workspace, out, *overrides, ds=None, config="gpt_tiny.yaml", flags=()):
+    """``python -m moge_ds.train`` as one rank on the workspace's data."""
+    return [sys.executable, "-m", "moge_ds.train", "--config", str(REPO / "configs" / config),
+            "--deepspeed_config", str(ds or workspace / "ds.json"), *flags, "--set", *ONE_RANK,
+            f"data.prefixes=[{workspace / 'text'}]", f"data.tokenizer={workspace / 'tok.model'}",
+            "model.seq_length=32", "data.split=80,10,10", "train.steps=2", f"train.output_dir={out}", *overrides]
+
+
+@dataclass
+class Case:
+    """One bad input: the command, the message it must print, the path it must leave as it was."""
+
+    name: str
+    cmd: list
+    message: str
+    untouched: Path
+    env: dict = field(default_factory=one_rank_env)
+
+
+def snapshot(path: Path) -> dict:
+    """Every file under ``path`` with its size and mtime (empty when ``path`` does not exist)."""
+    if not path.exists():
+        return {}
+    return {str(p): (p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(path.rglob("*"))}
+
+
+def ds_variant(workspace, tmp, name, change) -> Path:
+    ds = json.loads((workspace / "ds.json").read_text())
+    change(ds)
+    path = tmp / f"{name}.json"
+    path.write_text(json.dumps(ds))
+    return path
+
+
+@pytest.fixture(scope="module")
+def earlier_run(workspace, tmp_path_factory):
+    """A finished 2-step, 1-rank run with a checkpoint: what the data-loss cases must not harm."""
+    out = tmp_path_factory.mktemp("earlier") / "run"
+    subprocess.run(train_cmd(workspace, out), env=one_rank_env(), check=True, capture_output=True, timeout=300)
+    return out
+
+
+def small_corpus(workspace, tmp, docs: int) -> Path:
+    corpus = tmp / f"corpus{docs}"
+    corpus.mkdir()
+    make_corpus(corpus, docs=docs, seed=docs)
+    preprocess(SourceSpec((str(corpus / "*.txt"), )), str(workspace / "tok.model"), str(tmp / f"small{docs}"),
+               progress=False)
+    return tmp / f"small{docs}"
+
+
+def bad_input_cases(workspace, tmp, earlier) -> list[Case]:
+    fresh = tmp / "never"
+    cases = [Case(name, train_cmd(workspace, fresh, *overrides), message, fresh) for name, overrides, message in [
+        ("log interval 0", ["train.log_interval=0"], "train.log_interval must be >= 1, got 0"),
+        ("no heads", ["model.heads=0"], "model.heads must be >= 1, got 0"),
+        ("sequence length 0", ["model.seq_length=0"], "model.seq_length must be >= 1, got 0"),
+        ("negative capacity", ["moe.capacity_factor=-1"], "moe.capacity_factor must be >= 0, got -1.0"),
+        ("negative save interval", ["train.save_interval=-1"], "train.save_interval must be >= 0, got -1"),
+        ("negative gs_weight", ["moe.gs_weight=-1e-3"], "moe.gs_weight must be >= 0, got -0.001"),
+        ("top-k 0", ["moe.top_k=0"], r"moe.top_k must be in \[1, 4\], got 0"),
+        ("misspelled setting", ["moe.gs_wieght=1"], "unknown setting moe.gs_wieght"),
+        ("wrong type", ["model.dim=wide"], "model.dim must be int, got 'wide'"),
+        ("map does not fit", ["moe.map_shape=[3,3]"], r"map_shape \(3, 3\) does not fit 4 experts"),
+        ("lambda without aux weight", ["moe.gs_lambda=1e-5", "moe.aux_loss_weight=0"], "aux_loss_weight > 0"),
+        ("lambda and weight", ["moe.gs_lambda=1e-5", "moe.gs_weight=3"], "are both set"),
+        ("a split with no share", ["data.split=100,0,0"], "gives the valid split no share"),
+    ]]
+    cases += [
+        Case("missing config file", train_cmd(workspace, fresh, config="nope.yaml"), "nope.yaml' does not exist",
+             fresh),
+        Case("missing ds_config", train_cmd(workspace, fresh, ds=tmp / "nope.json"), "nope.json' does not exist",
+             fresh),
+        Case("misspelled ZeRO key", train_cmd(workspace, fresh, ds=ds_variant(
+            workspace, tmp, "stgae", lambda d: d["zero_optimization"].update(stgae=2))), "stgae", fresh),
+        Case("misspelled optimizer parameter", train_cmd(workspace, fresh, ds=ds_variant(
+            workspace, tmp, "lrr", lambda d: d["optimizer"]["params"].update(lrr=1e-3))),
+            r"unknown params \['lrr'\]", fresh),
+        Case("unknown ds_config section", train_cmd(workspace, fresh, ds=ds_variant(
+            workspace, tmp, "section", lambda d: d.update(zero_optimisation={}))), "unknown keys", fresh),
+        Case("micro-batch 0", train_cmd(workspace, fresh, ds=ds_variant(
+            workspace, tmp, "micro", lambda d: d.update(train_micro_batch_size_per_gpu=0))),
+            "train_micro_batch_size_per_gpu as a positive integer", fresh),
+        Case("batch arithmetic", train_cmd(workspace, fresh, ds=ds_variant(
+            workspace, tmp, "batch", lambda d: d.update(train_batch_size=7))), "train_batch_size 7 !=", fresh),
+        Case("3-document corpus", train_cmd(workspace, fresh, f"data.prefixes=[{small_corpus(workspace, tmp, 3)}]"),
+             "smallest split holds", fresh),
+        Case("17-document corpus", train_cmd(workspace, fresh, "data.split=98,1,1",
+                                             f"data.prefixes=[{small_corpus(workspace, tmp, 17)}]"),
+             "gives the valid split 0 of 17 documents", fresh),
+        Case("another tokenizer", train_cmd(workspace, fresh, f"data.tokenizer={other_tokenizer(workspace, tmp)}"),
+             "was tokenized by .*tok.model", fresh),
+        Case("run directory in use", train_cmd(workspace, earlier), "holds an earlier run", earlier),
+        Case("resume and overwrite", train_cmd(workspace, earlier, flags=["--resume", "--overwrite"]),
+             "contradict", earlier),
+        Case("latest names a missing tag", train_cmd(workspace, broken_latest(earlier, tmp), flags=["--resume"]),
+             "names step00000009, but .* holds no complete checkpoint", tmp / "latest_run"),
+        Case("truncated checkpoint file", train_cmd(workspace, truncated_checkpoint(earlier, tmp),
+                                                    flags=["--resume"]),
+             "damaged checkpoint files: .*mp_rank_00_model_states.pt", tmp / "truncated_run"),
+    ]
+    return cases + tool_cases(workspace, tmp)
+
+
+def other_tokenizer(workspace, tmp) -> Path:
+    tok = train_tokenizer(SourceSpec((str(workspace / "corpus" / "*.txt"), )), str(tmp / "other_tok"), vocab_size=290,
+                          input_sentence_size=0)
+    return tok.path
+
+
+def broken_latest(earlier: Path, tmp: Path) -> Path:
+    run = tmp / "latest_run"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "checkpoints" / "latest").write_text("step00000009")
+    return run
+
+
+def truncated_checkpoint(earlier: Path, tmp: Path) -> Path:
+    run = tmp / "truncated_run"
+    shutil.copytree(earlier, run)
+    tag = (run / "checkpoints" / "latest").read_text()
+    model = run / "checkpoints" / tag / "mp_rank_00_model_states.pt"
+    model.write_bytes(model.read_bytes()[:2000])
+    return run
+
+
+def tool_cases(workspace, tmp) -> list[Case]:
+    """The launch scripts and the data CLIs."""
+    hostfile = tmp / "hostfile"
+    hostfile.write_text("node1 slots=2\nnode2 slots two\n")
+    (tmp / "empty").mkdir()
+    (tmp / "fake.parquet").write_text("not parquet at all\n")
+    prep = [sys.executable, "-m", "moge_ds.data.preprocess", "--tokenizer", str(workspace / "tok.model")]
+    out = tmp / "prep"
+    return [
+        Case("malformed hostfile line", [str(LAUNCH / "multinode.sh"), "--hostfile", str(hostfile), "--", "--set",
+                                         f"train.output_dir={tmp / 'never'}"],
+             "line 2: 'node2 slots two' is not 'host slots=N'", tmp / "never"),
+        Case("empty corpus", [*prep, "--input", str(tmp / "empty" / "*.txt"), "--output-prefix", str(out)],
+             "matches no file", out),
+        Case("not Parquet", [*prep, "--input", str(tmp / "fake.parquet"), "--output-prefix", str(out)],
+             "is not a Parquet file", out),
+        Case("bad document separator", [*prep, "--input", str(workspace / "corpus" / "*.txt"), "--doc-separator",
+                                        "(%", "--output-prefix", str(out)], "is not a regular expression", out),
+    ]
+
+
+@pytest.fixture(scope="module")
+def outcomes(workspace, earlier_run, tmp_path_factory):
+    """Every case run once, two at a time; per case: exit status, output, seconds, and whether the
+    path it must not touch was left as it was."""
+    tmp = tmp_path_factory.mktemp("bad")
+    cases = bad_input_cases(workspace, tmp, earlier_run)
+
+    def run(case: Case):
+        before = snapshot(case.untouched)
+        started = time.monotonic()
+        proc = subprocess.run(case.cmd, env=case.env, capture_output=True, text=True, timeout=120, cwd=tmp)
+        return case, proc, time.monotonic() - started, snapshot(case.untouched) == before
+
+    with ThreadPoolExecutor(2) as pool:
+        return {result[0].name: result for result in pool.map(run, cases)}
+
+
+def test_at_least_25_bad_inputs(outcomes):
+    assert len(outcomes) >= 25
+
+
+@pytest.mark.parametrize("name", [
+    "log interval 0", "no heads", "sequence length 0", "negative capacity", "negative save interval",
+    "negative gs_weight", "top-k 0", "misspelled setting", "wrong type", "map does not fit",
+    "lambda without aux weight", "lambda and weight", "a split with no share", "missing config file",
+    "missing ds_config", "misspelled ZeRO key", "misspelled optimizer parameter", "unknown ds_config section",
+    "micro-batch 0", "batch arithmetic", "3-document corpus", "17-document corpus", "another tokenizer",
+    "run directory in use", "resume and overwrite", "latest names a missing tag", "truncated checkpoint file",
+    "malformed hostfile line", "empty corpus", "not Parquet", "bad document separator"])
+def test_bad_input_is_one_clear_paragraph_and_writes_nothing(outcomes, name):
+    case, proc, seconds, untouched = outcomes[name]
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == 2, f"{name}: exit {proc.returncode}\n{output[-3000:]}"
+    assert re.search(case.message, proc.stderr), f"{name}: message missing\n{proc.stderr[-3000:]}"
+    assert "Traceback" not in output, f"{name}: a traceback\n{output[-3000:]}"
+    assert untouched, f"{name}: changed what it must leave alone"
+    assert seconds < 60, f"{name}: took {seconds:.0f} s"
+
+
+
+def processes_mentioning(text: str) -> list[int]:
+    """PIDs whose command line contains ``text`` (read from /proc, this machine's real processes)."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            except OSError:
+                continue
+            if text in cmdline and entry.name != str(os.getpid()):
+                pids.append(int(entry.name))
+    return pids
+
+
+def wait_for_training(out: Path, proc: subprocess.Popen, timeout: float = 240) -> None:
+    deadline = time.monotonic() + timeout
+    while not (out / "history.jsonl").is_file() or not (out / "history.jsonl").read_text().strip():
+        assert proc.poll() is None, f"the run ended early:\n{proc.communicate()[0][-3000:]}"
+        assert time.monotonic() < deadline, "training did not start"
+        time.sleep(0.5)
+
+
+def test_sigterm_to_the_launcher_stops_every_rank(workspace, tmp_path):
+    out = tmp_path / "sigterm"
+    proc = subprocess.Popen([str(LAUNCH / "train.sh"), "--nproc", "2", "--master-port", str(free_port()),
+                             *tiny_train_args(workspace, out, steps=100000)], cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    try:
+        wait_for_training(out, proc)
+        assert len(processes_mentioning(str(out))) >= 2  # the ranks run
+        proc.send_signal(signal.SIGTERM)  # what Slurm sends at the time limit
+        proc.wait(timeout=30)
+        deadline = time.monotonic() + 15
+        while processes_mentioning(str(out)) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert processes_mentioning(str(out)) == [], "ranks outlived the launcher"
+    finally:
+        for pid in processes_mentioning(str(out)):
+            os.kill(pid, signal.SIGKILL)
+
+
+def test_a_frozen_rank_ends_the_job_within_the_timeout(workspace, tmp_path):
+    """SIGSTOP one rank (a hung GPU or an NFS stall looks like that): the other gives up after
+    train.dist_timeout_s, on DeepSpeed's expert-parallel group too, with one paragraph saying so."""
+    out, timeout_s = tmp_path / "frozen", 20
+    args = [a if not a.startswith("train.dist_timeout_s") else f"train.dist_timeout_s={timeout_s}"
+            for a in tiny_train_args(workspace, out, steps=100000)]
+    cmd = [str(BIN / "deepspeed"), "--num_gpus", "2", "--master_port", str(free_port()), "--module",
+           "moge_ds.train", *[a for a in args[:4]], *args[5:]]
+    cmd[cmd.index("--ds-config")] = "--deepspeed_config"
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    try:
+        wait_for_training(out, proc)
+        rank1 = [p for p in processes_mentioning(str(out)) if "--local_rank=1" in Path(f"/proc/{p}/cmdline")
+                 .read_bytes().replace(b"\0", b" ").decode()]
+        assert len(rank1) == 1
+        os.kill(rank1[0], signal.SIGSTOP)
+        frozen_at = time.monotonic()
+        output, _ = proc.communicate(timeout=timeout_s + 60)
+        waited = time.monotonic() - frozen_at
+        assert waited < timeout_s + 15, f"the job waited {waited:.0f} s for a frozen rank"
+        assert proc.returncode != 0
+        assert "rank 0: a collective failed" in output and "train.dist_timeout_s" in output, output[-3000:]
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        for pid in processes_mentioning(str(out)):
+            os.kill(pid, signal.SIGKILL)
+
+
+def test_a_dry_run_never_starts_a_rank(tmp_path):
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text("localhost slots=2\n")
+    out = tmp_path / "dry"
+    result = subprocess.run([str(LAUNCH / "multinode.sh"), "--hostfile", str(hostfile), "--dry-run", "--",
+                             "--set", f"train.output_dir={out}"], capture_output=True, text=True, cwd=REPO,
+                            timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("launcher: ") and "moge_train.py" in result.stdout
+    time.sleep(2)
+    assert not out.exists() and processes_mentioning(str(out)) == []
+
+
+def test_trainer_and_evaluate_agree_on_every_split(workspace, tmp_path):
+    """Same samples, same tokens, same loss: 2 ranks of micro-batch 4 in training, 1 process of 8 here."""
+    from moge_ds.evaluate import evaluate
+    from moge_ds.export import export
+
+    out = tmp_path / "agree"
+    routing = ["moe.drop_tokens=false", "moe.top2_2nd_expert_sampling=false", "train.steps=3"]
+    launch_deepspeed(["--module", "moge_ds.train", "--config", str(REPO / "configs/gpt_tiny.yaml"),
+                      "--deepspeed_config", str(workspace / "ds.json"), *tiny_train_args(workspace, out)[5:],
+                      *routing], cwd=REPO)
+    trained = json.loads((out / "metrics.json").read_text())
+    exported = export(out / "checkpoints", tmp_path / "export")
+    for split in ("valid", "test"):
+        ours = evaluate(exported, split, micro_batch=8)
+        assert ours["tokens"] == trained[split]["tokens"], (split, ours, trained[split])
+        assert ours["loss"] == pytest.approx(trained[split]["loss"], rel=1e-4), (split, ours, trained[split])
