@@ -280,6 +280,12 @@ def main(argv: list[str] | None = None) -> dict:
     return metrics
 
 
+def is_collective_failure(err: RuntimeError) -> bool:
+    """A collective that timed out or lost its peer (gloo raises these as a plain RuntimeError)."""
+    return isinstance(err, dist.DistError) or any(
+        sign in str(err) for sign in ("Timed out waiting", "Connection closed by peer", "Connection reset by peer"))
+
+
 def cli() -> None:
     """``python -m moge_ds.train``: train, then shut every process group down (gloo aborts otherwise).
 
@@ -289,7 +295,9 @@ def cli() -> None:
     """
     try:
         main()
-    except dist.DistError as err:
+    except RuntimeError as err:
+        if not is_collective_failure(err):
+            raise
         rank = dist.get_rank() if dist.is_initialized() else os.environ.get("RANK", "?")
         print(f"moge_ds.train: rank {rank}: a collective failed, so another rank died, hangs or was stopped "
               f"(collectives wait at most train.dist_timeout_s): {str(err).splitlines()[0][:500]}",
