@@ -67,8 +67,15 @@ def save(engine, root: Path, step: int, state: dict, keep_last: int = 0) -> Path
     """Save the engine and ``state`` (JSON-serialisable) as tag ``step<N>``; collective."""
     tag = tag_for(step)
     rank = dist.get_rank() if dist.is_initialized() else 0
-    engine.save_checkpoint(str(root), tag=tag, save_latest=False)
-    torch.save({"torch": torch.get_rng_state()}, root / tag / f"rng_rank{rank:05d}.pt")
+    try:
+        engine.save_checkpoint(str(root), tag=tag, save_latest=False)
+        torch.save({"torch": torch.get_rng_state()}, root / tag / f"rng_rank{rank:05d}.pt")
+    except (OSError, RuntimeError) as err:  # torch reports a full disk as RuntimeError ("iostream error")
+        free = shutil.disk_usage(root).free / 2**30 if root.is_dir() else float("nan")
+        raise CheckpointError(f"cannot write checkpoint {root / tag}: {type(err).__name__}: {str(err)[:500]} "
+                              f"({free:.2f} GiB free there; a full disk or a path that is not a directory "
+                              f"are the usual causes). The previous checkpoint is intact", rank_specific=True) \
+            from None
     if dist.is_initialized():
         dist.barrier()
     if rank == 0:

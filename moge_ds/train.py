@@ -295,6 +295,9 @@ def cli() -> None:
     """
     try:
         main()
+    except checkpoint.CheckpointError as err:  # a save that failed during training
+        print(f"moge_ds.train: rank {dist.get_rank()}: checkpoint error: {err}", file=sys.stderr, flush=True)
+        os._exit(1)  # the other ranks may wait in the save's barrier: they end at train.dist_timeout_s
     except RuntimeError as err:
         if not is_collective_failure(err):
             raise

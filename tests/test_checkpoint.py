@@ -21,9 +21,11 @@ MODEL = ["model.kind=gpt", "model.dim=32", "model.depth=2", "model.heads=2", "mo
 
 
 def saved_run(workspace, name, nproc, ep):
-    out, _ = train(workspace, name, "train.steps=2", f"moe.ep_size={ep}", "moe.drop_tokens=false",
-                   "model.vocab_size=300", nproc=nproc)
-    return out / "checkpoints"
+    """A finished 2-step run's checkpoints, trained once per session (runs never overwrite each other)."""
+    if not (workspace / name / "metrics.json").is_file():
+        train(workspace, name, "train.steps=2", f"moe.ep_size={ep}", "moe.drop_tokens=false",
+              "model.vocab_size=300", nproc=nproc)
+    return workspace / name / "checkpoints"
 
 
 def load_into(workspace, checkpoints, nproc, ep, tmp_path):

@@ -325,3 +325,16 @@ def test_trainer_and_evaluate_agree_on_every_split(workspace, tmp_path):
         ours = evaluate(exported, split, micro_batch=8)
         assert ours["tokens"] == trained[split]["tokens"], (split, ours, trained[split])
         assert ours["loss"] == pytest.approx(trained[split]["loss"], rel=1e-4), (split, ours, trained[split])
+
+
+def test_a_failed_save_is_one_paragraph(workspace, tmp_path):
+    """A save that cannot be written (here a file where the tag directory goes; a full disk is reported the
+    same way) ends the run with the path and the free space, not a traceback."""
+    out = tmp_path / "save"
+    (out / "checkpoints").mkdir(parents=True)
+    (out / "checkpoints" / "step00000001").write_text("in the way")
+    proc = subprocess.run(train_cmd(workspace, out, "train.save_interval=1", "train.steps=3", flags=["--resume"]),
+                          env=one_rank_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert re.search(r"rank 0: checkpoint error: cannot write checkpoint .*step00000001: .* GiB free", proc.stderr)
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
