@@ -24,6 +24,8 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
+from moge_ds.distributed import collective_device
+
 log = logging.getLogger(__name__)
 
 STATE_FILE = "moge_state.json"
@@ -134,7 +136,7 @@ def check_readable(tag_dir: Path) -> None:
     """Every rank checks the files it can see; all fail together (no rank waits alone in a collective),
     and the ranks that found a damaged file name it."""
     damaged = damaged_files(tag_dir)
-    found = torch.tensor([float(bool(damaged))])
+    found = torch.tensor([float(bool(damaged))], device=collective_device())
     if dist.is_initialized():
         dist.all_reduce(found, op=dist.ReduceOp.MAX)
     if damaged:

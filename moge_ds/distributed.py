@@ -13,6 +13,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Iterator
 
+import torch
 import torch.distributed as dist
 
 
@@ -28,6 +29,14 @@ def single_process_group() -> Iterator[None]:
             yield
         finally:
             dist.destroy_process_group()
+
+
+def collective_device() -> torch.device:
+    """Where a tensor handed to a collective must live: the accelerator's device (NCCL takes GPU
+    tensors only), the CPU under gloo."""
+    from deepspeed.accelerator import get_accelerator
+
+    return torch.device(get_accelerator().current_device_name())
 
 
 def set_timeout_of_every_group(timeout: timedelta) -> int:

@@ -13,6 +13,7 @@ import torch.distributed as dist
 from deepspeed.moe.sharded_moe import MOELayer
 from tqdm import tqdm
 
+from moge_ds.distributed import collective_device
 from moge_ds.gate import moge_gates
 from moge_ds.topographic import map_neighbours, top2_neighbour_rate
 
@@ -46,10 +47,10 @@ def gather_expert_load(model: torch.nn.Module) -> list[torch.Tensor]:
     """
     loads = []
     for moe_layer in (m for m in model.modules() if isinstance(m, MOELayer)):
-        counts = moe_layer.exp_counts.detach().double().cpu().clone()
+        counts = moe_layer.exp_counts.detach().to(collective_device(), torch.float64, copy=True)
         if dist.is_initialized():
             dist.all_reduce(counts)
-        loads.append(counts / counts.sum().clamp(min=1))
+        loads.append((counts / counts.sum().clamp(min=1)).cpu())
     return loads
 
 

@@ -17,10 +17,11 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from moge_ds.config import Config
-from moge_ds.data.images import ImageSet, augment, fashion_mnist, hf_images, image_folder, normalize
 from moge_ds.data.documents import DataError
+from moge_ds.data.images import ImageSet, augment, fashion_mnist, hf_images, image_folder, normalize
 from moge_ds.data.text import build_text_splits, lm_batch, one_epoch_samples
 from moge_ds.data.tokenizer import Tokenizer
+from moge_ds.distributed import collective_device
 
 
 class Task(Protocol):
@@ -40,9 +41,10 @@ class Task(Protocol):
 
 
 def _all_reduce_sum(values: list[float]) -> list[float]:
-    tensor = torch.tensor(values, dtype=torch.float64)
-    if dist.is_initialized():
-        dist.all_reduce(tensor)
+    if not dist.is_initialized():
+        return values
+    tensor = torch.tensor(values, dtype=torch.float64, device=collective_device())
+    dist.all_reduce(tensor)
     return tensor.tolist()
 
 

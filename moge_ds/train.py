@@ -30,7 +30,7 @@ from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optim
 from moge_ds import checkpoint
 from moge_ds.config import Config, ConfigError, load_config, load_ds_config, validate
 from moge_ds.data.documents import DataError
-from moge_ds.distributed import set_timeout_of_every_group
+from moge_ds.distributed import collective_device, set_timeout_of_every_group
 from moge_ds.gate import set_sigma_step
 from moge_ds.models import build_model
 from moge_ds.monitor import RunLog, gate_terms, gather_expert_load, plot_loss_curve, read_history
@@ -95,7 +95,7 @@ def claim_run_dir(out: Path, resume: bool, overwrite: bool) -> None:
     """Refuse to start afresh over an earlier run unless asked to; every rank gets rank 0's verdict
     (ranks on other nodes may not see the directory), so none goes on alone into a collective."""
     earlier = [name for name in RUN_RECORDS if (out / name).exists()]
-    refuse = torch.tensor([float(bool(earlier) and not resume and not overwrite)])
+    refuse = torch.tensor([float(bool(earlier) and not resume and not overwrite)], device=collective_device())
     dist.broadcast(refuse, src=0)
     if refuse.item():
         raise InputError("run directory", FileExistsError(
