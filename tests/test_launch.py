@@ -125,6 +125,22 @@ def test_multinode_checks_its_arguments(tmp_path, hostfile):
     assert launcher.returncode == 2 and "--launcher must be pdsh" in launcher.stderr
 
 
+@pytest.mark.parametrize("name", ["train.sh", "multinode.sh", "mpi.sh"])
+def test_help_is_the_usage_text(name):
+    result = script(name, "--help", check=True)
+    assert "--dry-run" in result.stdout and "set -euo" not in result.stdout and "source " not in result.stdout
+    assert not any(line.startswith("#") for line in result.stdout.splitlines())
+
+
+def test_multinode_keeps_going_with_a_blank_deepspeed_env(tmp_path, hostfile):
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / ".deepspeed_env").write_text("\n   \n")
+    result = script("multinode.sh", "--hostfile", str(hostfile), "--no-ssh", "--node-rank", "0", "--master-addr",
+                    "10.0.0.1", "--dry-run", env={"HOME": str(home)})
+    assert result.returncode == 0 and result.stdout.startswith("launcher: "), result.stderr
+
+
 @pytest.mark.slow
 def test_mpirun_with_mpi4py_discovery(workspace, tmp_path):
     out = tmp_path / "mpi"
