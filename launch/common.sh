@@ -50,19 +50,30 @@ check_common_options() {
 }
 
 # Run a launcher so that stopping this script stops every rank: DeepSpeed's runner does not pass
-# SIGTERM on (Slurm's time limit, `kill`, some shells' Ctrl-C), so its ranks would run on. The
-# launcher gets a process group of its own, and TERM/INT/HUP go to the whole group.
+# SIGTERM on (Slurm's time limit, `kill`, some shells' Ctrl-C), so its ranks would run on. On
+# TERM/INT/HUP the launcher's whole process tree gets SIGTERM. The launcher stays in this script's
+# process group, so killing that group (what a scheduler or `kill -- -PGID` does) still reaches it.
 run_launcher() {
-  set -m
   "$@" &
-  local pid=$!
-  set +m
-  trap 'kill -TERM -- "-$pid" 2>/dev/null; trap - TERM INT HUP' TERM INT HUP
-  local status=0
+  local pid=$! status=0
+  trap 'stop_tree "$pid"; trap - TERM INT HUP' TERM INT HUP
   wait "$pid" || status=$?
-  # wait returns early when a trapped signal arrives: then wait for the group to finish stopping.
+  # wait returns early when a trapped signal arrives: then wait for the launcher to finish stopping.
   while kill -0 "$pid" 2>/dev/null; do wait "$pid" || status=$?; done
   return "$status"
+}
+
+stop_tree() {  # pid: SIGTERM to it and every process below it
+  "$(find_tool python)" - "$1" <<'PY'
+import sys
+import psutil
+try:
+    root = psutil.Process(int(sys.argv[1]))
+    for process in [*root.children(recursive=True), root]:
+        process.terminate()
+except psutil.NoSuchProcess:
+    pass
+PY
 }
 
 require_int() {  # name value
