@@ -49,11 +49,11 @@ def run_topography(run_dir: Path, probe: int) -> dict:
         return json.loads(cached.read_text())
     from moge_ds.export import export, load_export
 
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as tmp:  # the export (and its tokenizer) lives while we probe
         model, config = load_export(export(run_dir / "checkpoints", Path(tmp) / "export"))
-    inputs, _, _ = probe_inputs(config, probe)
-    torch.manual_seed(0)
-    routing = capture_routing(model, model_batches(config, inputs))
+        inputs, _, _ = probe_inputs(config, probe)
+        torch.manual_seed(0)
+        routing = capture_routing(model, model_batches(config, inputs))
     moe = config.moe
     geometry = MapGeometry(tuple(moe.map_shape) if moe.map_shape else default_map_shape(moe.num_experts),
                            moe.window_size, moe.stride, moe.padding, moe.sigma_min)
