@@ -5,15 +5,18 @@
 Two kinds of job, ``--runs`` of each, one after the other: ``moge_ds.train`` through
 ``launch/train.sh`` (3 steps, a checkpoint, the final evaluation), and the resharding test helper
 ``tests/dist/reshard_check.py`` (load that checkpoint into 2 ranks, a training step). A job is
-abnormal if any process exits non-zero or prints an abort ("terminate called", a signal exit,
-a traceback). Needs the default data (``make data``). Writes ``<out>/exit_check.{json,md}``.
+abnormal if any process exits non-zero, does not end within 5 minutes, or prints an abort
+("terminate called", a signal exit, a traceback).
+Needs the default data (``make data``). Writes ``<out>/exit_check.{json,md}``.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -28,6 +31,8 @@ TINY = ["model.dim=32", "model.depth=2", "model.heads=2", "model.seq_length=32",
         "moe.map_shape=[2,2]", "moe.padding=circular", "moe.ep_size=2", "moe.drop_tokens=false",
         "model.vocab_size=8000", "train.steps=3", "train.eval_interval=0", "train.log_interval=1",
         "data.split=98,1,1"]
+# A 3-step job takes well under a minute; five minutes means it hangs.
+JOB_TIMEOUT_S = 300
 ABORT_SIGNS = ("terminate called", "exits with return code = -", "Traceback", "core dumped")
 
 
@@ -44,12 +49,20 @@ def reshard_job(checkpoints: Path, out: Path) -> list[str]:
 
 
 def run(cmd: list[str]) -> dict:
+    """One job in its own session, so that a hang can be ended whole and counted as abnormal."""
     started = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=600)
-    output = proc.stdout + proc.stderr
-    signs = [sign for sign in ABORT_SIGNS if sign in output]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO,
+                            start_new_session=True)
+    try:
+        output, _ = proc.communicate(timeout=JOB_TIMEOUT_S)
+        hung = False
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        output, _ = proc.communicate()
+        hung = True
+    signs = [sign for sign in ABORT_SIGNS if sign in output] + (["hung"] if hung else [])
     return {"returncode": proc.returncode, "abort_signs": signs, "seconds": time.perf_counter() - started,
-            "abnormal": proc.returncode != 0 or bool(signs), "tail": output[-1500:] if signs or proc.returncode else ""}
+            "abnormal": proc.returncode != 0 or bool(signs), "tail": output[-3000:] if signs or proc.returncode else ""}
 
 
 def main() -> None:

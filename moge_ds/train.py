@@ -30,7 +30,7 @@ from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optim
 from moge_ds import checkpoint
 from moge_ds.config import Config, ConfigError, load_config, load_ds_config, validate
 from moge_ds.data.documents import DataError
-from moge_ds.distributed import collective_device, set_timeout_of_every_group
+from moge_ds.distributed import collective_device, init_job, set_timeout_of_every_group
 from moge_ds.gate import set_sigma_step
 from moge_ds.models import build_model
 from moge_ds.monitor import RunLog, gate_terms, gather_expert_load, plot_loss_curve, read_history
@@ -73,11 +73,8 @@ def setup(args: argparse.Namespace) -> tuple[Config, dict]:
     config.train.resume = config.train.resume or args.resume
     if config.train.resume and args.overwrite:
         raise InputError("config", ConfigError("--resume and --overwrite contradict each other: choose one"))
-    # mpirun starts ranks without RANK/MASTER_ADDR: DeepSpeed then discovers them through mpi4py.
     accelerator = get_accelerator()
-    deepspeed.init_distributed(dist_backend=accelerator.communication_backend_name(),
-                               distributed_port=int(os.environ.get("MASTER_PORT", 29500)),
-                               timeout=timedelta(seconds=config.train.dist_timeout_s))
+    init_job(timedelta(seconds=config.train.dist_timeout_s))
     try:
         ds_config = validate(config, load_ds_config(args.deepspeed_config), dist.get_world_size(),
                              accelerator.is_bf16_supported(), bool(accelerator.is_fp16_supported()))

@@ -52,9 +52,14 @@ def run_checked(cmd: list[str], cwd: Path, timeout: float, env: dict | None = No
 
 def launch_deepspeed(args: list[str], cwd: Path, num_ranks: int = 2, timeout: float = 300,
                      env: dict | None = None) -> subprocess.CompletedProcess:
-    """``deepspeed --num_gpus N --master_port P <args>`` on this machine's CPU accelerator."""
-    cmd = [str(BIN / "deepspeed"), "--num_gpus", str(num_ranks), "--master_port", str(free_port()), *args]
-    return run_checked(cmd, cwd, timeout, env)
+    """``deepspeed --num_gpus N --master_port P <args>`` on this machine's CPU accelerator; the job
+    must leave none of DeepSpeed's shared-memory workspaces behind in /dev/shm."""
+    port = free_port()
+    cmd = [str(BIN / "deepspeed"), "--num_gpus", str(num_ranks), "--master_port", str(port), *args]
+    proc = run_checked(cmd, cwd, timeout, env)
+    leaked = sorted(p.name for p in Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"))
+    assert not leaked, f"the job left shared-memory segments behind: {leaked}"
+    return proc
 
 
 def train(workspace, out_name, *overrides, preset="gpt_tiny.yaml", resume=False, nproc=2):

@@ -14,7 +14,7 @@ import torch
 import torch.distributed as dist
 from deepspeed.moe.utils import is_moe_param, split_params_into_different_moe_groups_for_optimizer
 
-from moge_ds.distributed import shutdown
+from moge_ds.distributed import init_job, shutdown
 from moge_ds.layer import MoGE
 
 
@@ -39,7 +39,7 @@ def main():
     parser.add_argument("--zero", type=int, nargs="+", required=True)
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
-    deepspeed.init_distributed(dist_backend="gloo")
+    init_job()
     rank = dist.get_rank()
     results = {stage: train_save_load(stage, rank, f"{args.out}/zero{stage}") for stage in args.zero}
     json.dump(results, open(f"{args.out}/rank{rank}.json", "w"))

@@ -12,7 +12,7 @@ from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optim
 
 from moge_ds import checkpoint
 from moge_ds.config import load_config, load_ds_config, validate
-from moge_ds.distributed import shutdown
+from moge_ds.distributed import init_job, shutdown
 from moge_ds.models import build_model
 
 
@@ -24,7 +24,7 @@ def main():
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--set", nargs="*", default=[])
     args = parser.parse_args()
-    deepspeed.init_distributed(dist_backend="gloo")
+    init_job()
     rank, world = dist.get_rank(), dist.get_world_size()
     config = load_config(None, tuple(args.set))
     ds = validate(config, load_ds_config(args.ds), world)
