@@ -57,7 +57,10 @@ class MoEConfig:
 
 @dataclass
 class ModelConfig:
-    kind: Literal["gpt", "vit"] = "gpt"
+    # gpt/vit: our models with DeepSpeed's native MoE layer. hf: a Hugging Face MoE causal LM
+    # (Mixtral, Qwen3-MoE, DeepSeek-V2/V3) whose MoE blocks DeepSpeed AutoEP replaces; its expert
+    # count and top-k come from its config (moe.num_experts/top_k are filled from it).
+    kind: Literal["gpt", "vit", "hf"] = "gpt"
     dim: int = 128
     depth: int = 4
     heads: int = 4
@@ -68,6 +71,10 @@ class ModelConfig:
     positions: Literal["learned", "rotary"] = "rotary"
     tie_embeddings: bool = True
     vocab_size: Optional[int] = None  # taken from the tokenizer when None
+    # Hugging Face: a local directory with config.json (and the weights when hf_init is "pretrained");
+    # nothing is downloaded. "random": the config's architecture with fresh weights, for pre-training.
+    hf_path: Optional[str] = None
+    hf_init: Literal["pretrained", "random"] = "pretrained"
     # ViT
     image_size: int = 28
     channels: int = 1
@@ -329,11 +336,56 @@ def _check_batch_and_precision(ds: dict, world_size: int, bf16_supported: bool, 
                           "use ds_configs/cpu.json (fp32) or a bf16 config")
 
 
+def _check_hf(config: Config, ds: dict, world_size: int) -> None:
+    """A Hugging Face model under AutoEP: a local model with a preset, its experts split evenly over
+    ``autoep_size`` ranks. Fills ``moe.num_experts``/``top_k`` from the model and ``moe.ep_size``
+    from ``autoep_size``, so the map checks and the checkpoint layout use them."""
+    from moge_ds.models import hf
+
+    model, moe = config.model, config.moe
+    autoep = ds.get("expert_parallel") or {}
+    if model.kind != "hf":
+        if autoep.get("enabled"):
+            raise ConfigError("the ds_config enables expert_parallel (DeepSpeed AutoEP), which replaces the MoE blocks "
+                              "of Hugging Face models: use model.kind hf, or remove it (gpt/vit set moe.ep_size)")
+        return
+    if model.hf_path is None:
+        raise ConfigError("model.kind hf needs model.hf_path: a local directory holding the model's config.json")
+    hf_config = hf.read_config(model.hf_path)
+    preset = hf.autoep_preset(hf_config)
+    if not autoep.get("enabled"):
+        raise ConfigError(f'model.kind hf trains under DeepSpeed AutoEP: add "expert_parallel": {{"enabled": true, '
+                          f'"autoep_size": N, "preset_model": "{preset}"}} to the ds_config (autoep_size 1: data '
+                          f'parallel only), e.g. ds_configs/autoep_zero3_bf16.json')
+    if autoep.get("preset_model") not in (None, preset):
+        raise ConfigError(f"ds_config expert_parallel.preset_model {autoep['preset_model']!r} does not fit model type "
+                          f"{hf_config.model_type!r} of {model.hf_path}: use {preset!r}")
+    num_experts, top_k = hf.expert_layout(hf_config)
+    size = autoep.get("autoep_size", 1)
+    allowed = [n for n in range(1, world_size + 1) if world_size % n == 0 and num_experts % n == 0]
+    if size not in allowed or isinstance(size, bool):
+        raise ConfigError(f"ds_config expert_parallel.autoep_size {size!r} must divide both the world size "
+                          f"{world_size} and the model's {num_experts} experts: allowed are {allowed}")
+    if moe.ep_size not in (1, size):
+        raise ConfigError(f"moe.ep_size {moe.ep_size} is for gpt/vit; a Hugging Face model's expert parallelism is "
+                          f"expert_parallel.autoep_size ({size}) in the ds_config")
+    if model.hf_init == "pretrained" and not hf.has_weights(model.hf_path):
+        raise ConfigError(f"model.hf_init is 'pretrained' but {model.hf_path} holds no weights (none of "
+                          f"{list(hf.WEIGHT_FILES)}): add them, or set model.hf_init=random to pre-train")
+    positions = getattr(hf_config, "max_position_embeddings", None)
+    if positions is not None and model.seq_length > positions:
+        raise ConfigError(f"model.seq_length {model.seq_length} exceeds the model's max_position_embeddings "
+                          f"{positions}")
+    moe.num_experts, moe.top_k, moe.ep_size = num_experts, top_k, size
+
+
 def _check_parallel(config: Config, ds: dict, world_size: int) -> None:
     moe, model = config.moe, config.model
-    if ds.get("zero_optimization", {}).get("stage", 0) == 3 and moe_layer_indices(moe.placement, model.depth):
+    native_moe = model.kind != "hf" and moe_layer_indices(moe.placement, model.depth)
+    if ds.get("zero_optimization", {}).get("stage", 0) == 3 and native_moe:
         raise ConfigError("ZeRO stage 3 is not supported with DeepSpeed's native MoE layers (DeepSpeed refuses "
-                          "it at initialize): use ZeRO stage 1 or 2, e.g. ds_configs/zero2_bf16.json")
+                          "it at initialize): use ZeRO stage 1 or 2, e.g. ds_configs/zero2_bf16.json, or a "
+                          "Hugging Face MoE model (model.kind hf) under AutoEP")
     if moe.ep_size < 1 or moe.num_experts % moe.ep_size:
         raise ConfigError(f"moe.num_experts {moe.num_experts} is not divisible by moe.ep_size {moe.ep_size}")
     if world_size % moe.ep_size:
@@ -383,7 +435,7 @@ def _check_model(config: Config) -> None:
 
 def tokens_per_sample(model: ModelConfig) -> int:
     """Tokens one sample sends through each MoE layer: the sequence, or the patches plus CLS."""
-    return model.seq_length if model.kind == "gpt" else (model.image_size // model.patch_size)**2 + 1
+    return model.seq_length if model.kind != "vit" else (model.image_size // model.patch_size)**2 + 1
 
 
 def resolve_gs_lambda(config: Config, micro_batch: int) -> None:
@@ -414,8 +466,9 @@ def validate(config: Config, ds: dict, world_size: int, bf16_supported: bool = T
     Also resolves ``moe.gs_lambda`` into ``moe.gs_weight`` (see :func:`resolve_gs_lambda`).
     """
     _check_ranges(config)
-    _check_model(config)
     ds = fill_auto(config, ds, world_size)
+    _check_hf(config, ds, world_size)
+    _check_model(config)
     _check_batch_and_precision(ds, world_size, bf16_supported, fp16_supported)
     _check_parallel(config, ds, world_size)
     _check_with_deepspeed(ds)

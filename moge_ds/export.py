@@ -3,7 +3,8 @@
     python -m moge_ds.export runs/gpt_tiny/checkpoints --out runs/gpt_tiny/export
 
 The export is fp32, holds every expert (``ep_size`` 1), needs neither DeepSpeed's engine nor
-torch.distributed to load, and contains no pickle. The tokenizer is copied beside it.
+torch.distributed to load, and contains no pickle. The tokenizer is copied beside it. A Hugging
+Face model (``model.kind`` hf) exports as a ``save_pretrained`` directory for ``from_pretrained``.
 """
 
 from __future__ import annotations
@@ -13,6 +14,9 @@ import dataclasses
 import json
 import re
 import shutil
+import subprocess
+import sys
+import tempfile
 from pathlib import Path
 
 import torch
@@ -23,6 +27,7 @@ from moge_ds.config import Config, ConfigError, config_from_dict
 from moge_ds.models import build_model
 
 MODEL_FILE = "model.safetensors"
+HF_RUN_CONFIG = "moge_ds_config.json"  # our config beside a Hugging Face export's own config.json
 
 _EXPERT_FILE = re.compile(r"^layer_(\d+)_expert_(\d+)_mp_rank_00_model_states\.pt$")
 
@@ -78,11 +83,57 @@ def _standalone(config: Config) -> Config:
     return dataclasses.replace(config, moe=dataclasses.replace(config.moe, ep_size=1))
 
 
+def universal_weights(tag_dir: Path, work: Path) -> dict[str, torch.Tensor]:
+    """Every fp32 weight of a checkpoint by name, experts global, via DeepSpeed's Universal Checkpoint
+    conversion (``ds_to_universal``, the expert-aware way to consolidate AutoEP's ZeRO-2/3 partitions)
+    into ``work``. ZeRO-3 weights come out flat; :func:`load_weights` callers reshape them."""
+    proc = subprocess.run([sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder",
+                           str(tag_dir), "--output_folder", str(work)], capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise CheckpointError(f"DeepSpeed's ds_to_universal cannot convert {tag_dir}:\n"
+                              f"{(proc.stdout + proc.stderr)[-3000:]}")
+    weights = {}
+    for param_dir in sorted(p for p in (work / "zero").iterdir() if p.is_dir()):
+        saved = torch.load(param_dir / "fp32.pt", map_location="cpu", weights_only=True)
+        weights[param_dir.name] = saved["param"] if isinstance(saved, dict) else saved
+    return weights
+
+
+def export_hf(tag_dir: Path, config: Config, out: Path) -> None:
+    """A Hugging Face model directory (``save_pretrained``: safetensors + config.json) of an hf-kind run."""
+    from moge_ds.models import hf
+
+    with tempfile.TemporaryDirectory(prefix="universal_", dir=out) as work:
+        autoep_weights = universal_weights(tag_dir, Path(work) / "universal")
+    model = hf.build(dataclasses.replace(config.model, hf_init="random"), config.train.seed)
+    own = model.state_dict()
+    weights = hf.hf_state_dict(autoep_weights, model.config)
+    # ZeRO-3 stores weights flat; a tied head is one weight stored once.
+    weights = {k: v.reshape(own[k].shape) if k in own and v.numel() == own[k].numel() else v
+               for k, v in weights.items()}
+    for name in set(own) - set(weights):
+        if name == "lm_head.weight" and model.config.tie_word_embeddings:
+            weights[name] = weights["model.embed_tokens.weight"]
+    load_weights(model, weights, str(tag_dir))
+    model.save_pretrained(out, safe_serialization=True)
+
+
 def export(checkpoint: Path, out: Path) -> Path:
-    """Write ``out``/{model.safetensors, config.json, tokenizer.model}; returns ``out``."""
+    """Write ``out``/{model.safetensors, config.json, tokenizer.model}; returns ``out``.
+
+    An hf-kind run exports as a Hugging Face model directory that ``from_pretrained`` loads.
+    """
     tag_dir = checkpoint_dir(checkpoint)
     state = read_state(tag_dir)
     config = _standalone(config_from_dict(state["config"]))
+    if config.model.kind == "hf":
+        out.mkdir(parents=True, exist_ok=True)
+        export_hf(tag_dir, config, out)
+        _copy_tokenizer(config, out)
+        config.model.hf_path, config.model.hf_init = str(out), "pretrained"
+        (out / HF_RUN_CONFIG).write_text(json.dumps({"config": config.to_dict(), "step": state["step"],
+                                                     "source": str(tag_dir)}, indent=1))
+        return out
     weights = consolidated_state_dict(tag_dir)
     if config.model.kind == "gpt":
         config.model.vocab_size = config.model.vocab_size or weights["embed.weight"].shape[0]
@@ -92,16 +143,26 @@ def export(checkpoint: Path, out: Path) -> Path:
     tmp = out / (MODEL_FILE + ".tmp")
     save_model(model, str(tmp))
     tmp.replace(out / MODEL_FILE)
-    if config.model.kind == "gpt" and Path(config.data.tokenizer).is_file():
-        shutil.copyfile(config.data.tokenizer, out / "tokenizer.model")
-        config.data.tokenizer = str(out / "tokenizer.model")
+    if config.model.kind == "gpt":
+        _copy_tokenizer(config, out)
     (out / "config.json").write_text(json.dumps({"config": config.to_dict(), "step": state["step"],
                                                  "source": str(tag_dir)}, indent=1))
     return out
 
 
+def _copy_tokenizer(config: Config, out: Path) -> None:
+    """The run's sentencepiece model beside the export; ``config`` then points at the copy."""
+    if Path(config.data.tokenizer).is_file():
+        shutil.copyfile(config.data.tokenizer, out / "tokenizer.model")
+        config.data.tokenizer = str(out / "tokenizer.model")
+
+
 def load_export(path: Path) -> tuple[torch.nn.Module, Config]:
     """The model (eval mode, CPU) and config of an export directory."""
+    if (path / HF_RUN_CONFIG).is_file():
+        config = config_from_dict(json.loads((path / HF_RUN_CONFIG).read_text())["config"])
+        config.model.hf_path = str(path)
+        return build_model(config).eval(), config
     if not (path / MODEL_FILE).is_file() or not (path / "config.json").is_file():
         raise CheckpointError(f"{path} is not an export: it needs {MODEL_FILE} and config.json "
                               f"(make one with `python -m moge_ds.export`)")

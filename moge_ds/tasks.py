@@ -22,6 +22,9 @@ from moge_ds.data.images import ImageSet, augment, fashion_mnist, hf_images, ima
 from moge_ds.data.text import build_text_splits, lm_batch, one_epoch_samples
 from moge_ds.data.tokenizer import Tokenizer
 from moge_ds.distributed import collective_device
+from moge_ds.gate import set_sigma_step
+from moge_ds.models import hf
+from moge_ds.topographic import SigmaSchedule
 
 
 class Task(Protocol):
@@ -31,8 +34,9 @@ class Task(Protocol):
         """This rank's share of the micro-batch that starts at global sample ``consumed``."""
         ...
 
-    def loss(self, model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, int]:
-        """``(task_loss, l_aux, items)`` for one micro-batch; items = tokens or images in it."""
+    def loss(self, model, batch: dict[str, torch.Tensor], step: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """``(task_loss, l_aux, items)`` for one micro-batch at training step ``step`` (MoGE's sigma
+        schedule follows it); items = tokens or images in the micro-batch."""
         ...
 
     def evaluate(self, model, split: str, batches: int | None) -> dict[str, float]:
@@ -83,7 +87,12 @@ class LanguageModelling:
     def train_batch(self, consumed: int) -> dict[str, torch.Tensor]:
         return self.batch(self.splits.train, consumed + self.rank * self.micro)
 
-    def loss(self, model, batch):
+    def logits(self, model, tokens: torch.Tensor) -> torch.Tensor:
+        """``[B, S, V]`` next-token logits of ``tokens`` ``[B, S]``."""
+        return model(tokens)[0]
+
+    def loss(self, model, batch, step):
+        set_sigma_step(model, step)
         logits, l_aux = model(batch["tokens"])
         mask = batch["loss_mask"].float()
         nll = F.cross_entropy(logits.float().flatten(0, 1), batch["labels"].flatten(), reduction="none")
@@ -100,7 +109,7 @@ class LanguageModelling:
             tokens = torch.stack([s["tokens"] for s in samples]).to(self.device)
             labels = torch.stack([s["labels"] for s in samples]).to(self.device)
             mask = torch.stack([s["loss_mask"] for s in samples]).float() * valid[:, None]
-            logits, _ = model(tokens)
+            logits = self.logits(model, tokens)
             nll = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), reduction="none")
             total_nll += (nll * mask.flatten().to(nll.device)).sum().item()
             total_tokens += mask.sum().item()
@@ -166,7 +175,8 @@ class ImageClassification:
             images = augment(images, torch.Generator().manual_seed(self.seed * 7919 + start))
         return {"images": normalize(images).to(self.device), "labels": self.train_labels[index].to(self.device)}
 
-    def loss(self, model, batch):
+    def loss(self, model, batch, step):
+        set_sigma_step(model, step)
         logits, l_aux = model(batch["images"])
         return F.cross_entropy(logits.float(), batch["labels"]), l_aux, batch["labels"].numel()
 
@@ -185,8 +195,35 @@ class ImageClassification:
         return {"loss": nll / count, "accuracy": correct / count, "images": count}
 
 
+class HFLanguageModelling(LanguageModelling):
+    """Language modelling with a Hugging Face MoE causal LM: its own loss (load balancing included)
+    plus MoGE's term on its router logits; evaluated like our GPT (cross-entropy, perplexity)."""
+
+    def __init__(self, config: Config, micro_batch: int, rank: int, world: int, total_micro_batches: int,
+                 device: torch.device):
+        super().__init__(config, micro_batch, rank, world, total_micro_batches, device)
+        model_vocab = hf.read_config(config.model.hf_path).vocab_size
+        if self.tokenizer.vocab_size > model_vocab:
+            raise DataError(f"data.tokenizer {config.data.tokenizer} has {self.tokenizer.vocab_size} tokens, more than "
+                            f"the {model_vocab} of model {config.model.hf_path}: use the tokenizer the model was "
+                            f"made for, or a model config with vocab_size >= {self.tokenizer.vocab_size}")
+        moe = config.moe
+        self.moe = moe
+        self.sigma = SigmaSchedule(moe.sigma_steps or config.train.steps, moe.sigma_max, moe.sigma_min,
+                                   moe.sigma_gamma)
+
+    def logits(self, model, tokens):
+        return model(input_ids=tokens).logits
+
+    def loss(self, model, batch, step):
+        hf_loss, l_aux = hf.causal_lm_loss(model, batch, self.moe, self.sigma.value(step))
+        return hf_loss, l_aux, batch["tokens"].numel()
+
+
 def build_task(config: Config, micro_batch: int, rank: int, world: int, total_micro_batches: int,
                device: torch.device) -> Task:
     if config.model.kind == "gpt":
         return LanguageModelling(config, micro_batch, rank, world, total_micro_batches, device)
+    if config.model.kind == "hf":
+        return HFLanguageModelling(config, micro_batch, rank, world, total_micro_batches, device)
     return ImageClassification(config, micro_batch, rank, world, device)

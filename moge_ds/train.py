@@ -31,7 +31,6 @@ from moge_ds import checkpoint
 from moge_ds.config import Config, ConfigError, load_config, load_ds_config, validate
 from moge_ds.data.documents import DataError
 from moge_ds.distributed import collective_device, init_job, set_timeout_of_every_group
-from moge_ds.gate import set_sigma_step
 from moge_ds.models import build_model
 from moge_ds.monitor import RunLog, gate_terms, gather_expert_load, plot_loss_curve, read_history
 from moge_ds.tasks import build_task
@@ -138,8 +137,10 @@ class Trainer:
     def _build_engine(self):
         config = self.config
         model = build_model(config, getattr(self.task, "vocab_size", None), ep_rank=self.rank % config.moe.ep_size)
-        param_groups = split_params_into_different_moe_groups_for_optimizer(
-            {"params": [p for p in model.parameters() if p.requires_grad], "name": "parameters"})
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        # AutoEP creates its expert parameters and their optimizer groups itself, inside initialize.
+        param_groups = trainable if config.model.kind == "hf" else \
+            split_params_into_different_moe_groups_for_optimizer({"params": trainable, "name": "parameters"})
         engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=param_groups, config=self.ds_config)
         set_timeout_of_every_group(timedelta(seconds=config.train.dist_timeout_s))
         if self.rank == 0:
@@ -170,12 +171,11 @@ class Trainer:
 
     def train_step(self) -> dict[str, torch.Tensor]:
         """One optimizer step over ``accum`` micro-batches; the mean losses, as tensors (read when logged)."""
-        set_sigma_step(self.engine.module, self.step)
         task_loss_sum = aux_sum = torch.zeros((), device=self.device)
         for _ in range(self.accum):
             batch = self.task.train_batch(self.consumed)
             self.consumed += self.micro * self.world
-            task_loss, l_aux, items = self.task.loss(self.engine, batch)
+            task_loss, l_aux, items = self.task.loss(self.engine, batch, self.step)
             self.engine.backward(task_loss + self.config.moe.aux_loss_weight * l_aux)
             self.engine.step()
             task_loss_sum = task_loss_sum + task_loss.detach()

@@ -18,24 +18,82 @@ def cpu_ds(**changes):
     return ds
 
 
+def preset_config(path: Path, *overrides: str):
+    """A preset with its Hugging Face model directory made absolute (tests run from anywhere)."""
+    config = load_config(str(path), overrides)
+    if config.model.hf_path is not None:
+        config.model.hf_path = str(REPO / config.model.hf_path)
+    return config
+
+
 @pytest.mark.parametrize("path", DS_CONFIGS, ids=lambda p: p.name)
 def test_ds_configs_parse_with_deepspeed(path, tmp_path):
     from deepspeed.runtime.config import DeepSpeedConfig
 
     assert "_comment" in json.loads(path.read_text()), "every shipped ds_config says what it is for"
+    ds = load_ds_config(str(path))
+    autoep = "expert_parallel" in ds
     # One process: DeepSpeedConfig reads the world size from torch.distributed (1 when not launched).
-    config = load_config(str(REPO / "configs/gpt_tiny.yaml"), ("moe.ep_size=1", ))
-    ds = validate(config, load_ds_config(str(path)), world_size=1)
+    config = preset_config(REPO / "configs" / ("mixtral_tiny.yaml" if autoep else "gpt_tiny.yaml"),
+                           "moe.ep_size=1")
+    ds["expert_parallel"] = {**ds.get("expert_parallel", {}), "autoep_size": 1} if autoep else None
+    ds = validate(config, {k: v for k, v in ds.items() if v is not None}, world_size=1)
     parsed = DeepSpeedConfig(ds)
-    assert parsed.train_batch_size == ds["train_micro_batch_size_per_gpu"]
-    assert parsed.zero_optimization_stage in (1, 2)
+    assert parsed.train_batch_size == ds["train_micro_batch_size_per_gpu"] * ds["gradient_accumulation_steps"]
+    assert parsed.zero_optimization_stage in ((2, 3) if autoep else (1, 2))
 
 
 @pytest.mark.parametrize("path", PRESETS, ids=lambda p: p.name)
 def test_presets_load_and_validate(path):
-    config = load_config(str(path))
-    validate(config, cpu_ds(), world_size=2)
+    config = preset_config(path)
+    ds = "autoep_zero3_cpu.json" if config.model.kind == "hf" else "cpu.json"
+    validate(config, load_ds_config(str(REPO / "ds_configs" / ds)), world_size=2)
     assert config.moe.gs_weight > 0, "presets are MoGE; MoE is the gs_weight=0 override"
+
+
+def test_hf_model_fills_experts_from_its_config():
+    config = preset_config(REPO / "configs/mixtral_tiny.yaml", "moe.num_experts=4")
+    validate(config, load_ds_config(str(REPO / "ds_configs/autoep_zero3_cpu.json")), world_size=2)
+    assert (config.moe.num_experts, config.moe.top_k, config.moe.ep_size) == (16, 2, 2)
+
+
+def autoep_ds(**autoep):
+    ds = load_ds_config(str(REPO / "ds_configs/autoep_zero3_cpu.json"))
+    ds["expert_parallel"].update(autoep)
+    return ds
+
+
+@pytest.mark.parametrize("overrides, ds, world, message", [
+    (("model.hf_path=null", ), autoep_ds(), 2, "model.kind hf needs model.hf_path"),
+    (("model.hf_path=/nonexistent", ), autoep_ds(), 2, "'/nonexistent' is not a Hugging Face model directory"),
+    ((), cpu_ds(), 2, 'model.kind hf trains under DeepSpeed AutoEP: add "expert_parallel"'),
+    ((), autoep_ds(autoep_size=3), 2, r"autoep_size 3 must divide both the world size 2 and the model's 16 "
+     r"experts: allowed are \[1, 2\]"),
+    ((), autoep_ds(autoep_size=2), 3, r"autoep_size 2 must divide both the world size 3 .* allowed are \[1\]"),
+    ((), autoep_ds(preset_model="qwen3_moe"), 2, "preset_model 'qwen3_moe' does not fit model type 'mixtral'"),
+    (("moe.ep_size=4", ), autoep_ds(), 2, r"moe.ep_size 4 is for gpt/vit; .* expert_parallel.autoep_size \(2\)"),
+    (("model.hf_init=pretrained", ), autoep_ds(), 2, "model.hf_init is 'pretrained' but .* holds no weights"),
+    (("model.seq_length=1024", ), autoep_ds(), 2, "model.seq_length 1024 exceeds .* max_position_embeddings 512"),
+    (("moe.map_shape=[3,5]", ), autoep_ds(), 2, r"map_shape \(3, 5\) does not fit 16 experts"),
+])
+def test_hf_validation_errors(overrides, ds, world, message):
+    with pytest.raises(ConfigError, match=message):
+        validate(preset_config(REPO / "configs/mixtral_tiny.yaml", *overrides), ds, world)
+
+
+def test_hf_model_without_autoep_preset(tmp_path):
+    from transformers import LlamaConfig
+
+    LlamaConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2).save_pretrained(tmp_path)
+    config = load_config(str(REPO / "configs/mixtral_tiny.yaml"), (f"model.hf_path={tmp_path}", ))
+    with pytest.raises(ConfigError, match=r"model type 'llama' has no DeepSpeed AutoEP preset; the supported types "
+                       r"are \[.*'mixtral'.*'qwen3_moe'"):
+        validate(config, autoep_ds(), 2)
+
+
+def test_autoep_refused_for_native_models():
+    with pytest.raises(ConfigError, match="enables expert_parallel .* use model.kind hf"):
+        validate(load_config(str(REPO / "configs/gpt_tiny.yaml")), autoep_ds(), 2)
 
 
 def test_overrides_and_types():
@@ -48,7 +106,7 @@ def test_overrides_and_types():
 
 @pytest.mark.parametrize("override, message", [
     ("moe.gs_wieght=1", r"unknown setting moe.gs_wieght; moe has \[.*'gs_weight'"),
-    ("model.kind=rnn", r"model.kind must be one of \['gpt', 'vit'\], got 'rnn'"),
+    ("model.kind=rnn", r"model.kind must be one of \['gpt', 'vit', 'hf'\], got 'rnn'"),
     ("moe.num_experts=many", r"moe.num_experts must be int, got 'many'"),
     ("moe.top_k", r"override 'moe.top_k' must look like section.field=value"),
     ("train.resume=1", r"train.resume must be bool, got 1"),

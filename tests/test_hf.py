@@ -5,7 +5,7 @@ import torch
 from transformers import MixtralConfig, MixtralForCausalLM, Qwen3MoeConfig, Qwen3MoeForCausalLM
 
 from moge_ds.config import MoEConfig
-from moge_ds.models.hf import moge_loss, router_group_sparsity
+from moge_ds.models.hf import causal_lm_loss, hf_state_dict, router_group_sparsity
 from tests.reference import reference_loss
 
 TINY = dict(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
@@ -35,15 +35,53 @@ def test_term_matches_float64_reference(family, padding):
     expected = sum(reference_loss(torch.softmax(logits.double(), dim=-1), shape, 3, 1.5, 1, padding, "mean")
                    for logits in out.router_logits)
     assert router_group_sparsity(out.router_logits, moe, sigma=1.5).item() == pytest.approx(expected, rel=1e-5)
-    total = moge_loss(out.loss, out.router_logits, moe, sigma=1.5)
-    assert total.item() == pytest.approx(out.loss.item() + 0.01 * 2.0 * expected, rel=1e-6)
+
+
+def lm_batch(mask_from: int = 9) -> dict[str, torch.Tensor]:
+    """Our LM sample layout: labels are the tokens shifted by one; the loss mask ends early."""
+    sequence = torch.randint(0, TINY["vocab_size"], (2, 13), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones(2, 12)
+    mask[:, mask_from:] = 0
+    return {"tokens": sequence[:, :-1], "labels": sequence[:, 1:], "loss_mask": mask}
 
 
 @pytest.mark.parametrize("family", ["mixtral", "qwen3_moe"])
-def test_weight_zero_is_hf_loss_bit_for_bit(family):
-    out = forward(tiny_model(family))
-    total = moge_loss(out.loss, out.router_logits, MoEConfig(gs_weight=0.0), sigma=1.0)
-    assert torch.equal(total, out.loss)
+def test_training_loss_is_hf_loss_plus_the_term(family):
+    """What the trainer backpropagates, ``hf_loss + aux_loss_weight * l_aux``: HF's own loss bit for bit
+    at gs_weight 0; HF's loss plus the weighted float64 reference term otherwise."""
+    model, batch = tiny_model(family), lm_batch()
+    labels = batch["labels"].masked_fill(batch["loss_mask"] == 0, -100)
+    # HF's own causal-LM loss with HF's labels (it shifts them itself): the same predictions and
+    # targets, as the last position is masked.
+    own = model(input_ids=batch["tokens"], labels=torch.cat([batch["tokens"][:, :1], labels[:, :-1]], dim=1),
+                output_router_logits=True)
+    moe = MoEConfig(gs_weight=0.0, padding="circular")
+    hf_loss, l_aux = causal_lm_loss(model, batch, moe, sigma=1.0)
+    assert torch.equal(hf_loss + moe.aux_loss_weight * l_aux, own.loss)
+    moe.gs_weight = 3.0
+    hf_loss, l_aux = causal_lm_loss(model, batch, moe, sigma=1.0)
+    shape = (2, 4) if family == "mixtral" else (4, 4)
+    expected = sum(reference_loss(torch.softmax(logits.double(), dim=-1), shape, 3, 1.0, 1, "circular", "mean")
+                   for logits in own.router_logits)
+    assert torch.equal(hf_loss, own.loss)
+    assert (hf_loss + moe.aux_loss_weight * l_aux).item() == pytest.approx(own.loss.item() + 0.03 * expected, rel=1e-6)
+
+
+def test_autoep_names_map_back_to_hf():
+    """AutoEP's router and w1/w2/w3 experts become HF's gate and fused gate_up_proj/down_proj."""
+    model = tiny_model("mixtral")
+    hf = model.state_dict()
+    autoep = {}
+    for name, tensor in hf.items():
+        if name.endswith("experts.gate_up_proj"):
+            gate, up = tensor.chunk(2, dim=1)
+            autoep[name.replace("gate_up_proj", "w1")], autoep[name.replace("gate_up_proj", "w3")] = gate, up
+        elif name.endswith("experts.down_proj"):
+            autoep[name.replace("down_proj", "w2")] = tensor
+        else:
+            autoep[name.replace("mlp.gate.", "mlp.router.gate.")] = tensor
+    mapped = hf_state_dict(autoep, model.config)
+    assert mapped.keys() == hf.keys() and all(torch.equal(mapped[k], hf[k]) for k in hf)
 
 
 def test_term_trains_only_the_routers():

@@ -1,8 +1,9 @@
-"""GPT-style LM and ViT classifier whose FFNs are dense, MoE or MoGE per block."""
+"""GPT-style LM and ViT classifier whose FFNs are dense, MoE or MoGE per block; Hugging Face MoE LMs."""
 
 import torch
 
 from moge_ds.config import Config
+from moge_ds.models import hf
 from moge_ds.models.blocks import init_experts
 from moge_ds.models.gpt import GPT
 from moge_ds.models.vit import ViT
@@ -11,11 +12,14 @@ __all__ = ["GPT", "ViT", "build_model"]
 
 
 def build_model(config: Config, vocab_size: int | None = None, ep_rank: int = 0) -> torch.nn.Module:
-    """The model ``config.model.kind`` names, MoE/MoGE FFNs where ``config.moe.placement`` says.
+    """The model ``config.model.kind`` names, MoE/MoGE FFNs where ``config.moe.placement`` says
+    (``hf``: the Hugging Face model, whose MoE blocks AutoEP replaces at ``deepspeed.initialize``).
 
     Non-expert weights come from ``config.train.seed``; experts from their global index
     (``ep_rank`` = this rank's place in its expert-parallel group), see ``init_experts``.
     """
+    if config.model.kind == "hf":
+        return hf.build(config.model, config.train.seed)
     torch.manual_seed(config.train.seed)
     sigma_steps = config.moe.sigma_steps or config.train.steps  # the schedule spans the run by default
     if config.model.kind == "gpt":
