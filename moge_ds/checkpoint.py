@@ -48,7 +48,7 @@ def tag_for(step: int) -> str:
     return f"step{step:08d}"
 
 
-def _write_atomic(path: Path, text: str) -> None:
+def write_atomic(path: Path, text: str) -> None:
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "w") as f:
         f.write(text)
@@ -81,8 +81,8 @@ def save(engine, root: Path, step: int, state: dict, keep_last: int = 0) -> Path
     if dist.is_initialized():
         dist.barrier()
     if rank == 0:
-        _write_atomic(root / tag / STATE_FILE, json.dumps(state, indent=1))
-        _write_atomic(root / "latest", tag)
+        write_atomic(root / tag / STATE_FILE, json.dumps(state, indent=1))
+        write_atomic(root / "latest", tag)
         if keep_last > 0:
             for old in complete_tags(root)[:-keep_last]:
                 shutil.rmtree(root / old, ignore_errors=True)
@@ -116,6 +116,18 @@ def newest_tag(root: Path) -> Optional[str]:
     if named is not None:
         log.warning("%s names %s, which is not a complete checkpoint: resuming from %s", latest, named, tags[-1])
     return tags[-1] if tags else None
+
+
+def checkpoint_dir(path: Path) -> Path:
+    """A tag directory: ``path`` itself, or the one a resume would take under a checkpoints root."""
+    if not path.exists():
+        raise CheckpointError(f"checkpoint path {path} does not exist")
+    if (path / STATE_FILE).is_file():
+        return path
+    tag = newest_tag(path)
+    if tag is None:
+        raise CheckpointError(f"{path} holds no complete moge-ds checkpoint (no step<N>/{STATE_FILE})")
+    return path / tag
 
 
 def damaged_files(tag_dir: Path) -> list[str]:
@@ -158,28 +170,42 @@ def find_resume_tag(root: Path) -> Optional[str]:
     return tag
 
 
+def is_universal(tag_dir: Path) -> bool:
+    """Whether a complete checkpoint was made by ``moge_ds.universal`` (DeepSpeed must be told,
+    ``checkpoint.load_universal`` in the ds_config, before its engine is built)."""
+    return bool(read_state(tag_dir).get("universal"))
+
+
+def _load(engine, root: Path, tag: str, load_optimizer_states: bool) -> None:
+    try:
+        load_path, _ = engine.load_checkpoint(str(root), tag=tag, load_optimizer_states=load_optimizer_states)
+    except (RuntimeError, KeyError, OSError, EOFError, AssertionError) as err:
+        raise CheckpointError(f"cannot load {root / tag} into this model: {type(err).__name__}: "
+                              f"{str(err)[:2000]}") from None
+    if load_path is None:
+        raise CheckpointError(f"DeepSpeed found no model states in {root / tag}")
+
+
 def resume(engine, root: Path, tag: str, world_size: int, ep_size: int) -> dict:
     """Load checkpoint ``tag`` (from :func:`find_resume_tag`) under ``root`` into ``engine``; its state.
 
     Model weights load whatever the world and expert-parallel sizes (DeepSpeed stores every expert
     in its own file, named by global index). ZeRO's optimizer partitions depend on both sizes, so
     when either changed the optimizer state is reset (with a warning) and the RNG states, which
-    belong to the old ranks, are not restored.
+    belong to the old ranks, are not restored. A universal checkpoint (``moge_ds.universal``) loads
+    whole into any layout, optimizer state included.
     """
     state = read_state(root / tag)
     same_layout = (state.get("world_size"), state.get("ep_size")) == (world_size, ep_size)
     rank = dist.get_rank() if dist.is_initialized() else 0
+    if state.get("universal"):  # whole tensors: DeepSpeed reshards weights and optimizer state alike
+        _load(engine, root, tag, load_optimizer_states=True)
+        return state
     if not same_layout and rank == 0:
         log.warning("%s was saved with world size %s and ep_size %s, this run has %d and %d: loading the model "
                     "weights and LR schedule, resetting the optimizer state (ZeRO partitions do not carry over)",
                     root / tag, state.get("world_size"), state.get("ep_size"), world_size, ep_size)
-    try:
-        load_path, _ = engine.load_checkpoint(str(root), tag=tag, load_optimizer_states=same_layout)
-    except (RuntimeError, KeyError, OSError, EOFError) as err:
-        raise CheckpointError(f"cannot load {root / tag} into this model: {type(err).__name__}: "
-                              f"{str(err)[:2000]}") from None
-    if load_path is None:
-        raise CheckpointError(f"DeepSpeed found no model states in {root / tag}")
+    _load(engine, root, tag, load_optimizer_states=same_layout)
     rng_file = root / tag / f"rng_rank{rank:05d}.pt"
     if same_layout and rng_file.is_file():
         torch.set_rng_state(torch.load(rng_file, weights_only=True)["torch"])

@@ -14,34 +14,21 @@ import dataclasses
 import json
 import re
 import shutil
-import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_model, save_model
 
-from moge_ds.checkpoint import STATE_FILE, CheckpointError, newest_tag, read_state
+from moge_ds.checkpoint import CheckpointError, checkpoint_dir, read_state
 from moge_ds.config import Config, ConfigError, config_from_dict
 from moge_ds.models import build_model
+from moge_ds.universal import ds_to_universal
 
 MODEL_FILE = "model.safetensors"
 HF_RUN_CONFIG = "moge_ds_config.json"  # our config beside a Hugging Face export's own config.json
 
 _EXPERT_FILE = re.compile(r"^layer_(\d+)_expert_(\d+)_mp_rank_00_model_states\.pt$")
-
-
-def checkpoint_dir(path: Path) -> Path:
-    """A tag directory: ``path`` itself, or the one a resume would take under a checkpoints root."""
-    if not path.exists():
-        raise CheckpointError(f"checkpoint path {path} does not exist")
-    if (path / STATE_FILE).is_file():
-        return path
-    tag = newest_tag(path)
-    if tag is None:
-        raise CheckpointError(f"{path} holds no complete moge-ds checkpoint (no step<N>/{STATE_FILE})")
-    return path / tag
 
 
 def consolidated_state_dict(tag_dir: Path) -> dict[str, torch.Tensor]:
@@ -85,13 +72,9 @@ def _standalone(config: Config) -> Config:
 
 def universal_weights(tag_dir: Path, work: Path) -> dict[str, torch.Tensor]:
     """Every fp32 weight of a checkpoint by name, experts global, via DeepSpeed's Universal Checkpoint
-    conversion (``ds_to_universal``, the expert-aware way to consolidate AutoEP's ZeRO-2/3 partitions)
-    into ``work``. ZeRO-3 weights come out flat; :func:`load_weights` callers reshape them."""
-    proc = subprocess.run([sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder",
-                           str(tag_dir), "--output_folder", str(work)], capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise CheckpointError(f"DeepSpeed's ds_to_universal cannot convert {tag_dir}:\n"
-                              f"{(proc.stdout + proc.stderr)[-3000:]}")
+    conversion (the expert-aware way to consolidate AutoEP's ZeRO-2/3 partitions) into ``work``.
+    ZeRO-3 weights come out flat."""
+    ds_to_universal(tag_dir, work)
     weights = {}
     for param_dir in sorted(p for p in (work / "zero").iterdir() if p.is_dir()):
         saved = torch.load(param_dir / "fp32.pt", map_location="cpu", weights_only=True)

@@ -125,6 +125,8 @@ class Trainer:
         self.step = self.start_step = self.consumed = 0
         self.started = time.perf_counter()
         resume_tag = self._find_resume_tag() if config.train.resume else None
+        if resume_tag is not None and checkpoint.is_universal(self.ckpt_root / resume_tag):
+            self.ds_config = {**ds_config, "checkpoint": {**ds_config.get("checkpoint", {}), "load_universal": True}}
         self.engine = self._build_engine()
         if resume_tag is not None:
             self.resume(resume_tag)
@@ -137,6 +139,7 @@ class Trainer:
     def _build_engine(self):
         config = self.config
         model = build_model(config, getattr(self.task, "vocab_size", None), ep_rank=self.rank % config.moe.ep_size)
+        parameters = sum(p.numel() for p in model.parameters())  # before ZeRO-3 partitions them
         trainable = [p for p in model.parameters() if p.requires_grad]
         # AutoEP creates its expert parameters and their optimizer groups itself, inside initialize.
         param_groups = trainable if config.model.kind == "hf" else \
@@ -145,7 +148,7 @@ class Trainer:
         set_timeout_of_every_group(timedelta(seconds=config.train.dist_timeout_s))
         if self.rank == 0:
             log.info("model %s: %.2fM parameters on this rank; %d ranks, ep_size %d, gs_weight %g, %d steps",
-                     config.model.kind, sum(p.numel() for p in model.parameters()) / 1e6, self.world,
+                     config.model.kind, parameters / 1e6, self.world,
                      config.moe.ep_size, config.moe.gs_weight, config.train.steps)
         return engine
 

@@ -62,14 +62,16 @@ def launch_deepspeed(args: list[str], cwd: Path, num_ranks: int = 2, timeout: fl
     return proc
 
 
-def train(workspace, out_name, *overrides, preset="gpt_tiny.yaml", resume=False, nproc=2):
-    """A TINY run of ``moge_ds.train`` on the workspace's data; returns its directory and training records."""
+def train(workspace, out_name, *overrides, preset="gpt_tiny.yaml", resume=False, nproc=2, tiny=TINY,
+          ds_config="ds.json"):
+    """A ``tiny`` run of ``moge_ds.train`` on the workspace's data with the workspace's ``ds_config``;
+    returns its directory and training records."""
     out = workspace / out_name
     data = [f"data.prefixes=[{workspace / 'text'}]", f"data.tokenizer={workspace / 'tok.model'}",
             "model.seq_length=32", "data.split=80,10,10", f"data.images=folder:{workspace / 'images'}",
             "data.valid_images=8"]
     args = ["--module", "moge_ds.train", "--config", str(REPO / "configs" / preset), "--deepspeed_config",
-            str(workspace / "ds.json"), "--set", *TINY, *data, f"train.output_dir={out}", *overrides]
+            str(workspace / ds_config), "--set", *tiny, *data, f"train.output_dir={out}", *overrides]
     launch_deepspeed(args + (["--resume"] if resume else []), cwd=workspace, num_ranks=nproc)
     history = [json.loads(line) for line in (out / "history.jsonl").read_text().splitlines()]
     return out, [r for r in history if "split" not in r]
