@@ -58,7 +58,7 @@ class MoEConfig:
 @dataclass
 class ModelConfig:
     # gpt/vit: our models with DeepSpeed's native MoE layer. hf: a Hugging Face MoE causal LM
-    # (Mixtral, Qwen3-MoE, DeepSeek-V2/V3) whose MoE blocks DeepSpeed AutoEP replaces; its expert
+    # (Mixtral, Qwen2/3-MoE) whose MoE blocks DeepSpeed AutoEP replaces; its expert
     # count and top-k come from its config (moe.num_experts/top_k are filled from it).
     kind: Literal["gpt", "vit", "hf"] = "gpt"
     dim: int = 128
@@ -353,6 +353,10 @@ def _check_hf(config: Config, ds: dict, world_size: int) -> None:
         raise ConfigError("model.kind hf needs model.hf_path: a local directory holding the model's config.json")
     hf_config = hf.read_config(model.hf_path)
     preset = hf.autoep_preset(hf_config)
+    if not hasattr(hf_config, "output_router_logits"):
+        raise ConfigError(f"model type {hf_config.model_type!r} does not return its router logits in this transformers "
+                          f"(its config has no output_router_logits), and MoGE's term is computed from them: "
+                          f"use a model that does (mixtral, qwen2_moe, qwen3_moe)")
     if not autoep.get("enabled"):
         raise ConfigError(f'model.kind hf trains under DeepSpeed AutoEP: add "expert_parallel": {{"enabled": true, '
                           f'"autoep_size": N, "preset_model": "{preset}"}} to the ds_config (autoep_size 1: data '

@@ -91,6 +91,15 @@ def test_hf_model_without_autoep_preset(tmp_path):
         validate(config, autoep_ds(), 2)
 
 
+def test_hf_model_without_router_logits(tmp_path):
+    from transformers import DeepseekV2Config
+
+    DeepseekV2Config(hidden_size=32, num_hidden_layers=1, num_attention_heads=2).save_pretrained(tmp_path)
+    config = load_config(str(REPO / "configs/mixtral_tiny.yaml"), (f"model.hf_path={tmp_path}", ))
+    with pytest.raises(ConfigError, match="model type 'deepseek_v2' does not return its router logits"):
+        validate(config, autoep_ds(), 2)
+
+
 def test_autoep_refused_for_native_models():
     with pytest.raises(ConfigError, match="enables expert_parallel .* use model.kind hf"):
         validate(load_config(str(REPO / "configs/gpt_tiny.yaml")), autoep_ds(), 2)

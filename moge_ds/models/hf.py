@@ -1,4 +1,4 @@
-"""MoGE for Hugging Face MoE models (Mixtral, Qwen3-MoE, DeepSeek-V2/V3) under DeepSpeed AutoEP.
+"""MoGE for Hugging Face MoE models (Mixtral, Qwen2/3-MoE) under DeepSpeed AutoEP.
 
 AutoEP (``"expert_parallel"`` in the ds_config) replaces each MoE block of the model with its
 grouped-GEMM, all-to-all layer during ``deepspeed.initialize``. The model, plain or replaced,
