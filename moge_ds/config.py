@@ -87,7 +87,7 @@ class DataConfig:
     # Text: megatron-core indexed datasets (prefixes), blended by weights.
     prefixes: list[str] = field(default_factory=lambda: ["data/pydoc"])
     weights: Optional[list[float]] = None
-    tokenizer: str = "tokenizers/pydoc8k.model"
+    tokenizer: str = "tokenizers/pydoc8k.model"  # sentencepiece .model, or a Hugging Face tokenizer directory
     split: str = "98,1,1"
     # Images: "fashion_mnist", "folder:<dir>" or "hf:<name>".
     images: str = "fashion_mnist"

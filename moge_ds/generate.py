@@ -12,7 +12,7 @@ import torch
 
 from moge_ds.checkpoint import CheckpointError
 from moge_ds.data.documents import DataError
-from moge_ds.data.tokenizer import Tokenizer
+from moge_ds.data.tokenizer import load_tokenizer
 from moge_ds.export import load_export
 
 
@@ -53,7 +53,7 @@ def main(argv: list[str] | None = None) -> None:
         model, config = load_export(args.export)
         if config.model.kind != "gpt":
             parser.exit(2, f"error: {args.export} holds a {config.model.kind} model; generation needs a gpt\n")
-        tokenizer = Tokenizer(config.data.tokenizer)
+        tokenizer = load_tokenizer(config.data.tokenizer)
     except (CheckpointError, DataError) as err:
         parser.exit(2, f"error: {err}\n")
     # DeepSpeed samples the 2nd expert with the global RNG: seed it too, for repeatable output.

@@ -20,7 +20,7 @@ from moge_ds.config import Config
 from moge_ds.data.documents import DataError
 from moge_ds.data.images import ImageSet, augment, fashion_mnist, hf_images, image_folder, normalize
 from moge_ds.data.text import build_text_splits, lm_batch, one_epoch_samples
-from moge_ds.data.tokenizer import Tokenizer
+from moge_ds.data.tokenizer import load_tokenizer
 from moge_ds.distributed import collective_device
 from moge_ds.gate import set_sigma_step
 from moge_ds.models import hf
@@ -59,7 +59,7 @@ class LanguageModelling:
 
     def __init__(self, config: Config, micro_batch: int, rank: int, world: int, total_micro_batches: int,
                  device: torch.device):
-        self.tokenizer = Tokenizer(config.data.tokenizer)
+        self.tokenizer = load_tokenizer(config.data.tokenizer)
         self.micro, self.rank, self.world, self.device = micro_batch, rank, world, device
         data = config.data
         # A held-out split is one pass over its documents, whoever evaluates it: the trainer and

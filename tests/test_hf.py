@@ -95,3 +95,45 @@ def test_term_trains_only_the_routers():
     # comes after the last router does not.
     assert all(grads[name] is None for name in grads if name.startswith("model.layers.1.mlp.experts"))
     assert grads["lm_head.weight"] is None and grads["model.norm.weight"] is None
+
+
+def hf_tokenizer(texts: list[str], directory) -> None:
+    """A byte-level BPE tokenizer trained on ``texts``, saved as a Hugging Face tokenizer directory."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer, tok.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
+    tok.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=200, special_tokens=["<pad>", "</s>"]))
+    PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="</s>", pad_token="<pad>").save_pretrained(directory)
+
+
+def test_hf_tokenizer_feeds_the_data_pipeline(corpus, tmp_path):
+    """A model's own Hugging Face tokenizer (a local directory) tokenizes, pre-tokenizes a corpus and
+    feeds the hf task like a sentencepiece model does."""
+    from moge_ds.config import load_config
+    from moge_ds.data.documents import DataError
+    from moge_ds.data.preprocess import preprocess
+    from moge_ds.data.tokenizer import HFTokenizer, load_tokenizer
+    from moge_ds.tasks import HFLanguageModelling
+
+    _, texts, spec, _ = corpus
+    hf_tokenizer(texts, tmp_path / "tok")
+    tokenizer = load_tokenizer(tmp_path / "tok")
+    assert isinstance(tokenizer, HFTokenizer) and tokenizer.detokenize(tokenizer.tokenize(texts[0])) == texts[0]
+    preprocess(spec, str(tmp_path / "tok"), str(tmp_path / "text"), progress=False)
+    small = MixtralConfig(**TINY, num_local_experts=8, num_experts_per_tok=2)
+    small.save_pretrained(tmp_path / "small")
+    config = load_config(None, ("model.kind=hf", f"model.hf_path={tmp_path / 'small'}", "model.hf_init=random",
+                                "model.seq_length=16", f"data.prefixes=[{tmp_path / 'text'}]",
+                                f"data.tokenizer={tmp_path / 'tok'}", "data.split=80,10,10"))
+    with pytest.raises(DataError, match=f"has {tokenizer.vocab_size} tokens, more than the 96 of model"):
+        HFLanguageModelling(config, 2, 0, 1, 4, torch.device("cpu"))
+    small.vocab_size = 256
+    small.save_pretrained(tmp_path / "model")
+    config.model.hf_path = str(tmp_path / "model")
+    task = HFLanguageModelling(config, 2, 0, 1, 4, torch.device("cpu"))
+    batch = task.train_batch(0)
+    assert batch["tokens"].max() < tokenizer.vocab_size
+    hf_loss, l_aux, items = task.loss(MixtralForCausalLM(small), batch, step=0)
+    assert torch.isfinite(hf_loss) and l_aux == 0 and items == 2 * 16

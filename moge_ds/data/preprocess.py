@@ -26,17 +26,17 @@ from megatron.core.datasets.indexed_dataset import DType, IndexedDatasetBuilder
 from tqdm import tqdm
 
 from moge_ds.data.documents import DataError, SourceSpec, iter_documents
-from moge_ds.data.tokenizer import Tokenizer, add_source_args, source_from_args
+from moge_ds.data.tokenizer import HFTokenizer, Tokenizer, add_source_args, load_tokenizer, source_from_args
 
 # Beside PREFIX.bin/.idx: the identity of the tokenizer that made them, checked when training starts.
 TOKENIZER_SUFFIX = ".tokenizer.json"
 
-_worker_tokenizer: Tokenizer | None = None
+_worker_tokenizer: Tokenizer | HFTokenizer | None = None
 
 
 def _init_worker(model_path: str) -> None:
     global _worker_tokenizer
-    _worker_tokenizer = Tokenizer(model_path)
+    _worker_tokenizer = load_tokenizer(model_path)
 
 
 def _encode(doc: str) -> list[int]:
@@ -56,7 +56,7 @@ def preprocess(spec: SourceSpec, tokenizer_path: str, output_prefix: str, worker
 
     Documents keep their input order whatever ``workers`` is, so the output is identical.
     """
-    tokenizer = Tokenizer(tokenizer_path)
+    tokenizer = load_tokenizer(tokenizer_path)
     dtype = DType.optimal_dtype(tokenizer.vocab_size)
     Path(output_prefix).parent.mkdir(parents=True, exist_ok=True)
     tmp_prefix = f"{output_prefix}.tmp{os.getpid()}"
@@ -97,7 +97,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m moge_ds.data.preprocess", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     add_source_args(parser)
-    parser.add_argument("--tokenizer", required=True, help="sentencepiece .model file")
+    parser.add_argument("--tokenizer", required=True, help="a sentencepiece .model file, or a directory holding a Hugging Face tokenizer")
     parser.add_argument("--output-prefix", required=True, help="writes PREFIX.bin and PREFIX.idx")
     parser.add_argument("--workers", type=int, default=max(1, min(8, os.cpu_count() or 1)))
     args = parser.parse_args(argv)

@@ -1,4 +1,4 @@
-"""Train, load and use sentencepiece tokenizers.
+"""Train, load and use sentencepiece tokenizers; load Hugging Face ones from a local directory.
 
 CLI::
 
@@ -61,6 +61,56 @@ class Tokenizer:
 
     def detokenize(self, ids: list[int]) -> str:
         return self.sp.decode([int(i) for i in ids])
+
+
+class HFTokenizer:
+    """A Hugging Face tokenizer from a local directory (e.g. the model's own ``tokenizer.json``), with
+    the fields of :class:`Tokenizer`; its eos token separates documents."""
+
+    FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model", "vocab.json",
+             "merges.txt")
+
+    def __init__(self, directory: str | os.PathLike):
+        from transformers import AutoTokenizer
+
+        self.path = Path(directory)
+        try:
+            self.hf = AutoTokenizer.from_pretrained(self.path, local_files_only=True)
+        except (OSError, ValueError) as err:
+            raise DataError(f"{str(self.path)!r} holds no Hugging Face tokenizer transformers can load: {err}") from None
+        if self.hf.eos_token_id is None:
+            raise DataError(f"the tokenizer in {self.path} has no eos token, which moge-ds puts between documents")
+        self.files = [self.path / name for name in self.FILES if (self.path / name).is_file()]
+        self.unique_identifiers = {"class": "moge_ds.HFTokenizer", "model": str(self.path.resolve()),
+                                   "bytes": sum(f.stat().st_size for f in self.files)}
+
+    @property
+    def identity(self) -> dict:
+        digest = hashlib.sha256(b"".join(f.read_bytes() for f in self.files)).hexdigest()
+        return {"sha256": digest, "vocab_size": self.vocab_size, "model": str(self.path)}
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self.hf)
+
+    @property
+    def eod(self) -> int:
+        return self.hf.eos_token_id
+
+    @property
+    def pad(self) -> int:
+        return self.hf.pad_token_id if self.hf.pad_token_id is not None else self.hf.eos_token_id
+
+    def tokenize(self, text: str) -> list[int]:
+        return self.hf.encode(text, add_special_tokens=False)
+
+    def detokenize(self, ids: list[int]) -> str:
+        return self.hf.decode([int(i) for i in ids])
+
+
+def load_tokenizer(path: str | os.PathLike) -> Tokenizer | HFTokenizer:
+    """A sentencepiece model file, or a directory holding a Hugging Face tokenizer."""
+    return HFTokenizer(path) if Path(path).is_dir() else Tokenizer(path)
 
 
 def _sentences(spec: SourceSpec, sample_size: int, seed: int) -> Iterator[str]:
