@@ -1,4 +1,4 @@
-"""Train a GPT or ViT with MoE/MoGE layers on DeepSpeed.
+"""Train a GPT, ViT or Hugging Face MoE model with MoE/MoGE layers on DeepSpeed.
 
     deepspeed --num_gpus 2 --module moge_ds.train --config configs/gpt_tiny.yaml \\
         --deepspeed_config ds_configs/cpu.json [--set train.steps=500 moe.gs_weight=0.3] [--resume]
