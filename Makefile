@@ -60,3 +60,6 @@ train: setup data-deps data  ## the main job: GPT-MoGE on the Python docs, NPROC
 
 train-vit: setup data-deps  ## ViT-MoGE on Fashion-MNIST, NPROC ranks
 	launch/train.sh --nproc $(NPROC) --preset vit_fmnist --ds-config $(DS_CONFIG) -- $(ARGS)
+
+train-hf: setup data-deps data  ## a tiny Hugging Face Mixtral with MoGE under AutoEP + ZeRO-3, 2 ranks
+	launch/train.sh --nproc 2 --preset mixtral_tiny --ds-config ds_configs/autoep_zero3_cpu.json -- $(ARGS)

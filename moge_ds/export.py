@@ -73,7 +73,8 @@ def _standalone(config: Config) -> Config:
 def universal_weights(tag_dir: Path, work: Path) -> dict[str, torch.Tensor]:
     """Every fp32 weight of a checkpoint by name, experts global, via DeepSpeed's Universal Checkpoint
     conversion (the expert-aware way to consolidate AutoEP's ZeRO-2/3 partitions) into ``work``.
-    ZeRO-3 weights come out flat."""
+    ZeRO-3 weights come out flat. The conversion writes Adam's two moments too: ``work`` needs about
+    3x the fp32 weights' size on disk while it lasts."""
     ds_to_universal(tag_dir, work)
     weights = {}
     for param_dir in sorted(p for p in (work / "zero").iterdir() if p.is_dir()):
