@@ -128,6 +128,9 @@ def _similarity_plot(matrices: list[torch.Tensor], path: Path) -> None:
 @torch.no_grad()
 def analyse(export_dir: Path, out: Path, probe: int = 2000, seed: int = 0) -> dict:
     model, config = load_export(export_dir)
+    if config.model.kind == "hf":
+        raise CheckpointError(f"{export_dir} is a Hugging Face model: the expert analysis reads DeepSpeed's native "
+                              f"MoE layers (gpt/vit exports) and does not cover Hugging Face MoE blocks yet")
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)  # DeepSpeed's 2nd-expert sampling draws from the global RNG
     inputs, labels, names = probe_inputs(config, probe)
