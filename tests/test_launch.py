@@ -31,7 +31,7 @@ def test_train_sh_dry_run_passes_arguments_through_unchanged():
 
 @pytest.mark.parametrize("args, message", [
     (["--nproc", "zero"], "--nproc must be a positive integer, got 'zero'"),
-    (["--preset", "nope"], "no config 'nope': give a file or one of: gpt_tiny vit_fmnist"),
+    (["--preset", "nope"], "no config 'nope': give a file or one of: gpt_tiny mixtral_tiny vit_fmnist"),
     (["--ds-config", "/nope.json"], "ds_config '/nope.json' does not exist"),
 ])
 def test_train_sh_rejects_bad_input(args, message):
