@@ -8,6 +8,8 @@ arm: the paper's lambda of the run, the validation metric, the topography measur
 run was from a plateau; the best MoGE arm chosen on validation, and its test metric against the
 baseline, once. Writes ``results/<name>/topography.{md,json}``, ``topography.png`` (metrics against
 lambda) and ``neighbour_curves.png`` (the training log's noise-free neighbour rate against step).
+A sweep over several grid points (e.g. E x k) gets one row per point and arm instead, with the
+test difference paired over seeds, and ``scaling.png`` (the measures against the grid).
 """
 
 from __future__ import annotations
@@ -129,7 +131,10 @@ def _fmt(value: float, std: float, digits: int = 3) -> str:
 
 
 def write_topography_report(sweep: Sweep, probe: int = 2000) -> Path:
-    point = sweep.runs()[0].point
+    points = list(dict.fromkeys(run.point for run in sweep.runs()))
+    if len(points) > 1:
+        return write_scaling_report(sweep, points, probe)
+    point = points[0]
     arms = [s for s in (arm_summary(sweep, point, arm, probe) for arm in sweep.arms) if s is not None]
     choice = choose_on_validation(sweep, arms)
     (sweep.root / "topography.json").write_text(json.dumps({"arms": arms, "choice": choice}, indent=1))
@@ -215,6 +220,77 @@ def _plot_neighbour_curves(sweep: Sweep, point, path: Path) -> None:
     axis.set_ylabel("top-2 map-neighbour rate (noise-free, training batch)")
     axis.set_title(f"{sweep.name}, seed {sweep.seeds[0]}")
     axis.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_scaling_report(sweep: Sweep, points: list, probe: int) -> Path:
+    """A sweep over grid points (e.g. E x k) at fixed arms: per point, the test metric of each MoGE arm
+    against the baseline (paired over seeds) next to the topography of both. Writes
+    ``topography.{md,json}`` and ``scaling.png`` (the measures against the first grid key)."""
+    rows = []
+    for point in points:
+        arms = [a for a in (arm_summary(sweep, point, arm, probe) for arm in sweep.arms) if a is not None]
+        base = next(a for a in arms if a["arm"] == sweep.baseline)
+        for arm in (a for a in arms if a["arm"] != sweep.baseline):
+            seeds = sorted(set(arm["seeds"]) & set(base["seeds"]))
+            test = paired_difference([arm["seeds"][s]["test"] for s in seeds],
+                                     [base["seeds"][s]["test"] for s in seeds], sweep.higher_is_better)
+            rows.append({"point": dict(point), "arm": arm, "baseline": base, "test_difference": test})
+    (sweep.root / "topography.json").write_text(json.dumps(rows, indent=1))
+    m = sweep.metric
+    keys = list(dict(points[0]))
+    lines = [f"# {sweep.name}: topography and {m} per grid point", "",
+             f"Mean ± std over seeds {sweep.seeds}, noise-free scores of {probe} probe inputs from the test split, "
+             f"averaged over the MoE layers; MoGE arm vs `{sweep.baseline}` (in parentheses). Plateau gap: change of "
+             f"the validation {m} over the last quarter of the run.", "",
+             "| " + " | ".join(k.split(".")[-1] for k in keys) + f" | arm | test {m} diff (paired) | p | top-2 "
+             f"neighbours | chance | smoothness | entropy (norm.) | plateau gap |", "|" + "---|" * (len(keys) + 8)]
+    for r in rows:
+        arm, base, test = r["arm"], r["baseline"], r["test_difference"]
+        lines.append("| " + " | ".join(str(r["point"][k]) for k in keys) + f" | {arm['arm']} | "
+                     f"{test['mean']:+.4f} ± {test['std']:.4f} | {test['p']:.3f} | "
+                     f"{arm['top2_neighbour_rate']:.3f} ({base['top2_neighbour_rate']:.3f}) | "
+                     f"{arm['top2_neighbour_chance']:.3f} ({base['top2_neighbour_chance']:.3f}) | "
+                     f"{arm['map_smoothness']:+.3f} ({base['map_smoothness']:+.3f}) | "
+                     f"{arm['entropy_normalized']:.3f} ({base['entropy_normalized']:.3f}) | "
+                     f"{arm['plateau_gap']:+.4f} ({base['plateau_gap']:+.4f}) |")
+    lines += ["", "![topography and metric against the grid](scaling.png)", "",
+              f"Reproduce: `python -m moge_ds.experiments run experiments/{sweep.name}.yaml`, then "
+              f"`python -m moge_ds.experiments topography experiments/{sweep.name}.yaml`.", ""]
+    (sweep.root / "topography.md").write_text("\n".join(lines))
+    _plot_scaling(rows, keys, m, sweep.root / "scaling.png")
+    return sweep.root / "topography.md"
+
+
+def _plot_scaling(rows: list[dict], keys: list[str], metric: str, path: Path) -> None:
+    """Test difference, neighbour rate above chance and smoothness against the first grid key, a line
+    per value of the other keys (e.g. against E, one line per k)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = [(f"test {metric}: MoGE - MoE", lambda r: r["test_difference"]["mean"]),
+              ("top-2 neighbours above chance: MoGE", lambda r: r["arm"]["top2_neighbour_rate"]
+               - r["arm"]["top2_neighbour_chance"]),
+              ("top-2 neighbours above chance: MoE", lambda r: r["baseline"]["top2_neighbour_rate"]
+               - r["baseline"]["top2_neighbour_chance"]),
+              ("map smoothness: MoGE", lambda r: r["arm"]["map_smoothness"])]
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.6))
+    lines = sorted({tuple(r["point"][k] for k in keys[1:]) for r in rows})
+    for axis, (title, value) in zip(axes, panels):
+        for line in lines:
+            pts = sorted((r["point"][keys[0]], value(r)) for r in rows
+                         if tuple(r["point"][k] for k in keys[1:]) == line)
+            label = ", ".join(f"{k.split('.')[-1]}={v}" for k, v in zip(keys[1:], line))
+            axis.plot(*zip(*pts), marker="o", label=label)
+        axis.axhline(0, color="grey", linestyle=":")
+        axis.set_xscale("log", base=2)
+        axis.set_xlabel(keys[0].split(".")[-1])
+        axis.set_title(title, fontsize=9)
+    axes[0].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
