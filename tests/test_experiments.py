@@ -64,3 +64,25 @@ def test_bad_sweep_file(tmp_path):
                                     "common": [], "grid": {}, "arms": {"a": []}, "seeds": [1]}))
     with pytest.raises(experiments.SweepError, match="baseline 'base' is not one of the arms"):
         Sweep.load(str(path))
+
+
+def test_scaling_topography_report(sweep):
+    """A multi-point sweep's topography report: per point, the paired test difference next to each
+    arm's measures, read from each run's cached topography and history."""
+    from moge_ds.experiments.topography import MEASURES, write_topography_report
+
+    for run in sweep.runs():
+        out = sweep.root / "runs" / run.name
+        out.mkdir(parents=True)
+        moge = run.arm == "moge"
+        test = 0.70 + 0.01 * run.seed + (0.02 + 0.001 * run.seed if moge else 0.0)
+        (out / "metrics.json").write_text(json.dumps({"valid": {"accuracy": test}, "test": {"accuracy": test}}))
+        (out / "history.jsonl").write_text("\n".join(json.dumps({"step": s, "split": "valid", "accuracy": a})
+                                                     for s, a in ((3, test - 0.05), (4, test))))
+        layer = {m: 0.5 for m in MEASURES} | {"top2_neighbour_rate": 0.6 if moge else 0.4}
+        (out / "topography.json").write_text(json.dumps({"paper_lambda": 0.0, "gs_weight": 4.0 * moge,
+                                                          "padding": "valid", "layers": [layer, layer]}))
+    report = write_topography_report(sweep, probe=10).read_text()
+    assert "| 16 | moge | +0.0220 ± 0.0010 | 0.001 |" in report and "| 32 | moge | +0.0220 ± 0.0010 |" in report
+    assert "0.600 (0.400)" in report and "+0.0500 (+0.0500)" in report
+    assert (sweep.root / "scaling.png").is_file()

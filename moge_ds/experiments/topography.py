@@ -290,7 +290,8 @@ def _plot_scaling(rows: list[dict], keys: list[str], metric: str, path: Path) ->
         axis.set_xscale("log", base=2)
         axis.set_xlabel(keys[0].split(".")[-1])
         axis.set_title(title, fontsize=9)
-    axes[0].legend(fontsize=7)
+    if len(keys) > 1:
+        axes[0].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
