@@ -108,6 +108,9 @@ def export(checkpoint: Path, out: Path) -> Path:
     An hf-kind run exports as a Hugging Face model directory that ``from_pretrained`` loads.
     """
     tag_dir = checkpoint_dir(checkpoint)
+    if (out / MODEL_FILE).exists():
+        raise CheckpointError(f"{out} already holds an export ({MODEL_FILE}): give another --out or remove it "
+                              f"(nothing is overwritten)")
     state = read_state(tag_dir)
     config = _standalone(config_from_dict(state["config"]))
     if config.model.kind == "hf":

@@ -34,8 +34,9 @@ def convert(checkpoint: Path, out_root: Path) -> Path:
     tag_dir = checkpoint_dir(checkpoint)
     state = read_state(tag_dir)
     target = out_root / tag_dir.name
-    if target.exists():
-        raise CheckpointError(f"{target} exists: give another --out (nothing is overwritten)")
+    if target.exists() or (out_root / "latest").exists():
+        raise CheckpointError(f"{out_root} already holds checkpoints ({target.name if target.exists() else 'latest'}): "
+                              f"give a new --out (nothing is overwritten)")
     out_root.mkdir(parents=True, exist_ok=True)
     ds_to_universal(tag_dir, target)
     (out_root / "latest_universal").unlink(missing_ok=True)  # the converter's own pointer; ours is `latest`

@@ -133,7 +133,7 @@ def bad_input_cases(workspace, tmp, earlier) -> list[Case]:
                                                     flags=["--resume"]),
              "damaged checkpoint files: .*mp_rank_00_model_states.pt", tmp / "truncated_run"),
     ]
-    return cases + tool_cases(workspace, tmp)
+    return cases + tool_cases(workspace, tmp) + checkpoint_tool_cases(earlier, tmp)
 
 
 def other_tokenizer(workspace, tmp) -> Path:
@@ -176,6 +176,20 @@ def tool_cases(workspace, tmp) -> list[Case]:
              "is not a Parquet file", out),
         Case("bad document separator", [*prep, "--input", str(workspace / "corpus" / "*.txt"), "--doc-separator",
                                         "(%", "--output-prefix", str(out)], "is not a regular expression", out),
+    ]
+
+
+def checkpoint_tool_cases(earlier: Path, tmp: Path) -> list[Case]:
+    """Export and universal conversion pointed at what an earlier command wrote."""
+    prior_export = tmp / "prior_export"
+    prior_export.mkdir()
+    (prior_export / "model.safetensors").write_text("an earlier export")
+    return [
+        Case("export over an export", [sys.executable, "-m", "moge_ds.export", str(earlier / "checkpoints"), "--out",
+                                       str(prior_export)], "already holds an export", prior_export),
+        Case("universal conversion into a run", [sys.executable, "-m", "moge_ds.universal",
+                                                 str(earlier / "checkpoints"), "--out", str(earlier / "checkpoints")],
+             "already holds checkpoints", earlier),
     ]
 
 
