@@ -85,22 +85,20 @@ def test_trains_resumes_and_differs_from_moe_only_by_the_term(hf_workspace, moge
     assert losses(resumed) == pytest.approx({s: loss for s, loss in losses(moge).items() if s > 3}, rel=1e-6)
 
 
-def test_universal_checkpoint_resumes_into_another_autoep_size(hf_workspace, moge_run):
-    """Mixtral ZeRO-3 saved with autoep_size 2, converted, resumed with autoep_size 1: the weights
-    load exactly (the first resumed loss is the uninterrupted run's to the last digit) and the run
-    goes on close to it.
-
-    Not exactly: after DeepSpeed 0.19.8's universal load of the optimizer state, the next steps drift
-    from the uninterrupted run by 6e-5 and 3e-4 (relative loss, steps 5 and 6), the same whether
-    resumed with autoep_size 1 or 2, so the drift is in the conversion, not the resharding.
-    """
+# Tolerance after the first resumed step: DeepSpeed 0.19.8's universal load of ZeRO-3 optimizer state
+# drifts from the uninterrupted run (measured 6e-5 and 3e-4 relative loss at steps 5 and 6, the same
+# resumed with autoep_size 1 or 2, so in the conversion, not the resharding); ZeRO-2's is exact.
+@pytest.mark.parametrize("family, stage, after_first", [("qwen3_moe", 2, 1e-9), ("mixtral", 3, 1e-3)])
+def test_universal_checkpoint_resumes_into_another_autoep_size(hf_workspace, moge_run, family, stage, after_first):
+    """Saved with autoep_size 2, converted, resumed with autoep_size 1: the weights load exactly (the
+    first resumed loss is the uninterrupted run's to the last digit), and the run goes on as it did."""
     ws = hf_workspace
-    out, uninterrupted = moge_run("mixtral", 3)
-    convert(out / "checkpoints" / tag_for(3), ws / "mixtral_ep1" / "checkpoints")
-    _, resumed = hf_train(ws, "mixtral_ep1", "mixtral", 3, "train.steps=6", autoep_size=1, resume=True)
+    out, uninterrupted = moge_run(family, stage)
+    convert(out / "checkpoints" / tag_for(3), ws / f"{family}_ep1" / "checkpoints")
+    _, resumed = hf_train(ws, f"{family}_ep1", family, stage, "train.steps=6", autoep_size=1, resume=True)
     expected = {s: loss for s, loss in losses(uninterrupted).items() if s > 3}
     assert losses(resumed)[4] == pytest.approx(expected[4], rel=1e-9)
-    assert losses(resumed) == pytest.approx(expected, rel=1e-3)
+    assert losses(resumed) == pytest.approx(expected, rel=after_first)
 
 
 def test_export_loads_with_from_pretrained_and_matches_the_engine(hf_workspace, moge_run):
