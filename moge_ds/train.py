@@ -27,7 +27,7 @@ import torch.distributed as dist
 from deepspeed.accelerator import get_accelerator
 from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
 
-from moge_ds import checkpoint
+from moge_ds import checkpoint, provenance
 from moge_ds.config import Config, ConfigError, load_config, load_ds_config, validate
 from moge_ds.data.documents import DataError
 from moge_ds.distributed import collective_device, init_job, set_timeout_of_every_group
@@ -84,7 +84,8 @@ def setup(args: argparse.Namespace) -> tuple[Config, dict]:
 
 
 # What a run writes into its directory; --overwrite removes exactly these.
-RUN_RECORDS = ("checkpoints", "history.jsonl", "metrics.json", "config.json", "loss_curve.png", "monitor")
+RUN_RECORDS = ("checkpoints", "history.jsonl", "metrics.json", "config.json", "loss_curve.png", "monitor",
+               provenance.PROVENANCE_FILE)
 
 
 def claim_run_dir(out: Path, resume: bool, overwrite: bool) -> None:
@@ -134,6 +135,7 @@ class Trainer:
             self.out.mkdir(parents=True, exist_ok=True)
             (self.out / "config.json").write_text(json.dumps({"config": config.to_dict(), "ds_config": ds_config},
                                                              indent=1))
+            provenance.record(self.out)
         self.run_log = RunLog(self.out, config.train.steps, self.start_step, self.task.unit, self.engine)
 
     def _build_engine(self):

@@ -6,6 +6,7 @@ import json
 import math
 from pathlib import Path
 
+from moge_ds import provenance
 from moge_ds.experiments.sweep import Run, Sweep
 
 
@@ -94,11 +95,23 @@ def write_report(sweep: Sweep) -> Path:
         p = f"{d['p']:.3f}" if d["p"] is not None else "-"
         lines += ["", f"All points pooled, {arm} - {sweep.baseline}: {d['mean']:+.4g} ± {d['std']:.2g} over {d['n']} "
                   f"(point, seed) pairs, paired t p = {p}: {_verdict(d)}."]
+    lines += ["", *_provenance_lines(sweep)]
     lines += ["", "Reproduce: `python -m moge_ds.experiments run " + f"experiments/{sweep.name}.yaml` "
               "then `report` (runs under results/<name>/runs/, each with its launch.log and config.json)."]
     (sweep.root / "results.md").write_text("\n".join(lines) + "\n")
     _plot(sweep, rows)
     return sweep.root / "results.md"
+
+
+def _provenance_lines(sweep: Sweep) -> list[str]:
+    """Which code each finished run ran (``provenance.jsonl``): runs grouped by commit."""
+    by_code: dict[str, list[str]] = {}
+    for run in sweep.runs():
+        run_dir = sweep.root / "runs" / run.name
+        if (run_dir / "metrics.json").is_file():
+            by_code.setdefault(provenance.describe(run_dir), []).append(run.name)
+    return ["Code per run (commit; +dirty: uncommitted code changes; ?: not recorded, runs before provenance):",
+            *(f"- `{code}`: {len(names)} runs ({', '.join(names)})" for code, names in by_code.items())]
 
 
 def _plot(sweep: Sweep, rows: list[dict]) -> None:
