@@ -36,7 +36,7 @@ from bench.bench_gate import DEVICE, interleaved
 from bench.environment import describe_machine
 from moge_ds.config import MoEConfig
 from moge_ds.distributed import single_process_group
-from moge_ds.models.hf import router_group_sparsity
+from moge_ds.hf.loss import router_group_sparsity
 
 
 class SwiGLU(torch.nn.Module):

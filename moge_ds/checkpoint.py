@@ -6,6 +6,10 @@ crash mid-save can leave it pointing at an incomplete checkpoint. We therefore s
 rank 0 writes ``moge_state.json`` into the tag directory and then replaces ``latest`` atomically.
 A tag directory without ``moge_state.json`` is incomplete and is never resumed from.
 
+Each save also records every file's size and CRC-32 under ``checksums/`` (the ranks share the
+hashing); a resume checks them first, so a deleted file or flipped bytes are named before any
+rank loads anything.
+
 Our state is JSON and the RNG states are plain tensors read with ``weights_only=True``.
 DeepSpeed's own files are pickles: loading a checkpoint from an untrusted source can run code.
 """
@@ -17,9 +21,12 @@ import logging
 import os
 import re
 import shutil
+import socket
 import zipfile
+import zlib
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Optional
+from typing import Iterator, Optional
 
 import torch
 import torch.distributed as dist
@@ -29,6 +36,7 @@ from moge_ds.distributed import collective_device
 log = logging.getLogger(__name__)
 
 STATE_FILE = "moge_state.json"
+CHECKSUM_DIR = "checksums"  # one record per saving rank
 _TAG = re.compile(r"^step(\d+)$")
 
 
@@ -57,6 +65,43 @@ def write_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def check_new_dir(out: Path, what: str) -> None:
+    """``out`` may receive a new ``what``: it does not exist, or is an empty directory (a killed
+    writer's leftovers aside), so nothing writes into a run, checkpoints, a model or an export."""
+    if not out.exists():
+        return
+    # A killed writer leaves its staging directory, and a killed conversion DeepSpeed's `latest_universal`.
+    held = sorted(p.name for p in out.iterdir() if ".partial-" not in p.name and p.name != "latest_universal") \
+        if out.is_dir() else ["(it is a file)"]
+    if held:
+        raise CheckpointError(f"{out} is not empty (it holds {', '.join(held[:6])}): {what} writes a new directory; "
+                              f"give a new path (nothing is overwritten)")
+
+
+@contextmanager
+def staged_dir(out: Path) -> Iterator[Path]:
+    """A hidden sibling of ``out`` to write a whole directory into: renamed to ``out`` when the
+    block ends well, removed when it fails, so ``out`` is never half-written. A writer that was
+    killed leaves its sibling behind; the next writer of ``out`` removes it. ``out`` must not
+    exist or be empty (callers name what they refuse to write over)."""
+    check_new_dir(out, "this")
+    host = socket.gethostname()
+    for stale in out.parent.glob(f".{out.name}.partial-{host}-*"):  # another host's writer may be alive
+        pid = stale.name.rsplit("-", 1)[-1]
+        if not (pid.isdigit() and Path(f"/proc/{pid}").exists()):
+            shutil.rmtree(stale, ignore_errors=True)
+    staging = out.parent / f".{out.name}.partial-{host}-{os.getpid()}"
+    staging.mkdir(parents=True)
+    try:
+        yield staging
+        if out.exists():
+            out.rmdir()
+        os.rename(staging, out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
 def complete_tags(root: Path) -> list[str]:
     """Tags under ``root`` whose save finished, oldest first."""
     if not root.is_dir():
@@ -72,6 +117,9 @@ def save(engine, root: Path, step: int, state: dict, keep_last: int = 0) -> Path
     try:
         engine.save_checkpoint(str(root), tag=tag, save_latest=False)
         torch.save({"torch": torch.get_rng_state()}, root / tag / f"rng_rank{rank:05d}.pt")
+        if dist.is_initialized():
+            dist.barrier()
+        write_checksums(root / tag)
     except (OSError, RuntimeError) as err:  # torch reports a full disk as RuntimeError ("iostream error")
         free = shutil.disk_usage(root).free / 2**30 if root.is_dir() else float("nan")
         raise CheckpointError(f"cannot write checkpoint {root / tag}: {type(err).__name__}: {str(err)[:500]} "
@@ -79,7 +127,7 @@ def save(engine, root: Path, step: int, state: dict, keep_last: int = 0) -> Path
                               f"are the usual causes). The previous checkpoint is intact", rank_specific=True) \
             from None
     if dist.is_initialized():
-        dist.barrier()
+        dist.barrier()  # every rank's checksums are written before the tag is marked complete
     if rank == 0:
         write_atomic(root / tag / STATE_FILE, json.dumps(state, indent=1))
         write_atomic(root / "latest", tag)
@@ -114,7 +162,8 @@ def newest_tag(root: Path) -> Optional[str]:
         raise CheckpointError(f"{latest} names {named}, but {root} holds no complete checkpoint (no step<N>/"
                               f"{STATE_FILE}): restore the checkpoints, or start afresh with --overwrite")
     if named is not None:
-        log.warning("%s names %s, which is not a complete checkpoint: resuming from %s", latest, named, tags[-1])
+        log.warning("%s names %s, which is not a complete checkpoint: using the newest complete one, %s", latest,
+                    named, tags[-1])
     return tags[-1] if tags else None
 
 
@@ -144,10 +193,53 @@ def damaged_files(tag_dir: Path) -> list[str]:
     return damaged
 
 
+def _crc32(path: Path) -> int:
+    crc = 0
+    with open(path, "rb") as f:
+        while chunk := f.read(16 << 20):
+            crc = zlib.crc32(chunk, crc)
+    return crc
+
+
+def _rank_world() -> tuple[int, int]:
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+
+
+def write_checksums(tag_dir: Path) -> None:
+    """Record ``[size, crc32]`` of this rank's share of the tag's files (every world-th of the sorted
+    files it sees) in ``checksums/rank<r>.json``, on its own storage: with node-local storage each
+    node records, and later checks, the files it holds."""
+    rank, world = _rank_world()
+    files = sorted(str(p.relative_to(tag_dir)) for p in tag_dir.rglob("*") if p.is_file()
+                   and p.name != STATE_FILE and p.relative_to(tag_dir).parts[0] != CHECKSUM_DIR)
+    mine = {name: [(tag_dir / name).stat().st_size, _crc32(tag_dir / name)] for name in files[rank::world]}
+    (tag_dir / CHECKSUM_DIR).mkdir(exist_ok=True)
+    write_atomic(tag_dir / CHECKSUM_DIR / f"rank{rank:05d}.json", json.dumps(mine))
+
+
+def mismatched_files(tag_dir: Path) -> list[str]:
+    """Files that differ from the save, among the records this rank checks: those of the saving
+    ranks ``p`` with ``p % world == rank`` that it can see (none for checkpoints saved before
+    checksums existed)."""
+    rank, world = _rank_world()
+    parts = sorted((tag_dir / CHECKSUM_DIR).glob("rank*.json"))
+    problems = []
+    for part in (p for p in parts if int(p.stem[4:]) % world == rank):
+        for name, (size, crc) in sorted(json.loads(part.read_text()).items()):
+            file = tag_dir / name
+            if not file.is_file():
+                problems.append(f"{file} is missing")
+            elif file.stat().st_size != size:
+                problems.append(f"{file} has {file.stat().st_size} bytes, {size} when saved (truncated or replaced)")
+            elif _crc32(file) != crc:
+                problems.append(f"{file} differs from what was saved (checksum mismatch: changed bytes)")
+    return problems
+
+
 def check_readable(tag_dir: Path) -> None:
     """Every rank checks the files it can see; all fail together (no rank waits alone in a collective),
     and the ranks that found a damaged file name it."""
-    damaged = damaged_files(tag_dir)
+    damaged = mismatched_files(tag_dir) or damaged_files(tag_dir)
     found = torch.tensor([float(bool(damaged))], device=collective_device())
     if dist.is_initialized():
         dist.all_reduce(found, op=dist.ReduceOp.MAX)

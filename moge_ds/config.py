@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from collections.abc import KeysView
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -57,8 +58,8 @@ class MoEConfig:
 
 @dataclass
 class ModelConfig:
-    # gpt/vit: our models with DeepSpeed's native MoE layer. hf: a Hugging Face MoE causal LM
-    # (Mixtral, Qwen2/3-MoE) whose MoE blocks DeepSpeed AutoEP replaces; its expert
+    # gpt/vit: our models with DeepSpeed's native MoE layer. hf: a Hugging Face MoE causal LM with a
+    # DeepSpeed AutoEP preset (moge_ds.hf), whose MoE blocks AutoEP replaces; its expert
     # count and top-k come from its config (moe.num_experts/top_k are filled from it).
     kind: Literal["gpt", "vit", "hf"] = "gpt"
     dim: int = 128
@@ -182,7 +183,13 @@ def load_config(path: Optional[str] = None, overrides: tuple[str, ...] = ()) -> 
     if path is not None:
         if not Path(path).is_file():
             raise ConfigError(f"config file {path!r} does not exist (presets are under configs/)")
-        values = yaml.safe_load(Path(path).read_text()) or {}
+        try:
+            values = yaml.safe_load(Path(path).read_text()) or {}
+        except yaml.YAMLError as err:
+            mark = getattr(err, "problem_mark", None)
+            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+            raise ConfigError(f"{path} is not valid YAML{where}: {getattr(err, 'problem', None) or err} "
+                              f"(indent with spaces, not tabs)") from None
         if not isinstance(values, dict):
             raise ConfigError(f"{path} must hold a mapping of sections, got {type(values).__name__}")
         _apply(config, values, "")
@@ -287,6 +294,11 @@ def _check_optimizer_params(ds: dict) -> None:
     """Adam's parameters, which DeepSpeed passes to the optimizer's constructor only at initialize (a
     misspelled one is a TypeError after the model is built): checked against those constructors."""
     optimizer = ds.get("optimizer") or {}
+    # json reads NaN and Infinity; torch's optimizers refuse them only inside initialize.
+    for section in ("optimizer", "scheduler"):
+        for name, value in ((ds.get(section) or {}).get("params") or {}).items():
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ConfigError(f"ds_config {section}.params.{name} is {value}: it must be a finite number")
     if str(optimizer.get("type", "")).lower() not in ("adam", "adamw"):
         return
     import inspect
@@ -337,50 +349,15 @@ def _check_batch_and_precision(ds: dict, world_size: int, bf16_supported: bool, 
 
 
 def _check_hf(config: Config, ds: dict, world_size: int) -> None:
-    """A Hugging Face model under AutoEP: a local model with a preset, its experts split evenly over
-    ``autoep_size`` ranks. Fills ``moe.num_experts``/``top_k`` from the model and ``moe.ep_size``
-    from ``autoep_size``, so the map checks and the checkpoint layout use them."""
-    from moge_ds.models import hf
+    """The Hugging Face model's own checks (``moge_ds.hf.checks``; it fills ``moe.num_experts``/``top_k``/
+    ``ep_size`` from the model). Imported here, on use: it needs transformers, and it never imports this
+    module, so the two do not import each other."""
+    from moge_ds.hf.checks import HFModelError, check_hf
 
-    model, moe = config.model, config.moe
-    autoep = ds.get("expert_parallel") or {}
-    if model.kind != "hf":
-        if autoep.get("enabled"):
-            raise ConfigError("the ds_config enables expert_parallel (DeepSpeed AutoEP), which replaces the MoE blocks "
-                              "of Hugging Face models: use model.kind hf, or remove it (gpt/vit set moe.ep_size)")
-        return
-    if model.hf_path is None:
-        raise ConfigError("model.kind hf needs model.hf_path: a local directory holding the model's config.json")
-    hf_config = hf.read_config(model.hf_path)
-    preset = hf.autoep_preset(hf_config)
-    if not hasattr(hf_config, "output_router_logits"):
-        raise ConfigError(f"model type {hf_config.model_type!r} does not return its router logits in this transformers "
-                          f"(its config has no output_router_logits), and MoGE's term is computed from them: "
-                          f"use a model that does (mixtral, qwen2_moe, qwen3_moe)")
-    if not autoep.get("enabled"):
-        raise ConfigError(f'model.kind hf trains under DeepSpeed AutoEP: add "expert_parallel": {{"enabled": true, '
-                          f'"autoep_size": N, "preset_model": "{preset}"}} to the ds_config (autoep_size 1: data '
-                          f'parallel only), e.g. ds_configs/autoep_zero3_bf16.json')
-    if autoep.get("preset_model") not in (None, preset):
-        raise ConfigError(f"ds_config expert_parallel.preset_model {autoep['preset_model']!r} does not fit model type "
-                          f"{hf_config.model_type!r} of {model.hf_path}: use {preset!r}")
-    num_experts, top_k = hf.expert_layout(hf_config)
-    size = autoep.get("autoep_size", 1)
-    allowed = [n for n in range(1, world_size + 1) if world_size % n == 0 and num_experts % n == 0]
-    if size not in allowed or isinstance(size, bool):
-        raise ConfigError(f"ds_config expert_parallel.autoep_size {size!r} must divide both the world size "
-                          f"{world_size} and the model's {num_experts} experts: allowed are {allowed}")
-    if moe.ep_size not in (1, size):
-        raise ConfigError(f"moe.ep_size {moe.ep_size} is for gpt/vit; a Hugging Face model's expert parallelism is "
-                          f"expert_parallel.autoep_size ({size}) in the ds_config")
-    if model.hf_init == "pretrained" and not hf.has_weights(model.hf_path):
-        raise ConfigError(f"model.hf_init is 'pretrained' but {model.hf_path} holds no weights (none of "
-                          f"{list(hf.WEIGHT_FILES)}): add them, or set model.hf_init=random to pre-train")
-    positions = getattr(hf_config, "max_position_embeddings", None)
-    if positions is not None and model.seq_length > positions:
-        raise ConfigError(f"model.seq_length {model.seq_length} exceeds the model's max_position_embeddings "
-                          f"{positions}")
-    moe.num_experts, moe.top_k, moe.ep_size = num_experts, top_k, size
+    try:
+        check_hf(config, ds, world_size)
+    except HFModelError as err:
+        raise ConfigError(str(err)) from None
 
 
 def _check_parallel(config: Config, ds: dict, world_size: int) -> None:
@@ -406,7 +383,8 @@ _LOWER_BOUNDS = {"model.dim": 1, "model.depth": 1, "model.heads": 1, "model.seq_
                  "train.keep_last": 0, "train.log_interval": 1, "train.exit_after_steps": 0, "train.dist_timeout_s": 1}
 
 
-def _check_ranges(config: Config) -> None:
+def check_ranges(config: Config) -> None:
+    """Every setting against its lower bound (needs nothing but the config: callable before start-up)."""
     for name, bound in _LOWER_BOUNDS.items():
         section, _, key = name.partition(".")
         value = getattr(getattr(config, section), key)
@@ -469,7 +447,7 @@ def validate(config: Config, ds: dict, world_size: int, bf16_supported: bool = T
 
     Also resolves ``moe.gs_lambda`` into ``moe.gs_weight`` (see :func:`resolve_gs_lambda`).
     """
-    _check_ranges(config)
+    check_ranges(config)
     ds = fill_auto(config, ds, world_size)
     _check_hf(config, ds, world_size)
     _check_model(config)

@@ -18,15 +18,28 @@ from moge_ds.config import ConfigError, apply_overrides
 from moge_ds.data.documents import DataError
 from moge_ds.distributed import single_process_group
 from moge_ds.export import load_export
-from moge_ds.tasks import build_task
 
 
 def evaluate(export_dir: Path, split: str = "test", overrides: tuple[str, ...] = (), micro_batch: int = 8,
              batches: int | None = None) -> dict[str, float]:
+    check_counts(micro_batch, batches)
+    # Imported here: megatron-core takes ~10 s to import, and bad counts are refused before that.
+    from moge_ds.tasks import build_task
+
     model, config = load_export(export_dir)
     apply_overrides(config, overrides)
+    # The task refuses a split with no share only if it will evaluate it: here that is `split` alone.
+    config.train.final_eval, config.train.eval_interval = [split], 0
     task = build_task(config, micro_batch, rank=0, world=1, total_micro_batches=1, device=torch.device("cpu"))
     return task.evaluate(model, split, batches)
+
+
+def check_counts(micro_batch: int, batches: int | None) -> None:
+    """Refuse counts that would evaluate nothing (a metric over zero items), before loading anything."""
+    if micro_batch < 1:
+        raise ConfigError(f"--micro-batch must be >= 1, got {micro_batch}")
+    if batches is not None and batches < 1:
+        raise ConfigError(f"--batches must be >= 1 (leave it out to evaluate the whole split), got {batches}")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -36,8 +49,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--split", choices=["valid", "test"], default="test")
     parser.add_argument("--set", nargs="*", default=[], metavar="SECTION.FIELD=VALUE",
                         help="point at other data, e.g. data.prefixes=[data/other]")
-    parser.add_argument("--micro-batch", type=int, default=8)
-    parser.add_argument("--batches", type=int, default=None, help="micro-batches to use (default: the whole split)")
+    parser.add_argument("--micro-batch", type=int, default=8, help="samples per forward pass (>= 1)")
+    parser.add_argument("--batches", type=int, default=None,
+                        help="micro-batches to use (>= 1; default: the whole split)")
     args = parser.parse_args(argv)
     try:
         with single_process_group():

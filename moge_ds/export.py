@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_model, save_model
 
-from moge_ds.checkpoint import CheckpointError, checkpoint_dir, read_state
+from moge_ds.checkpoint import CheckpointError, check_new_dir, checkpoint_dir, read_state, staged_dir
 from moge_ds.config import Config, ConfigError, config_from_dict
 from moge_ds.models import build_model
 from moge_ds.universal import ds_to_universal
@@ -85,13 +85,14 @@ def universal_weights(tag_dir: Path, work: Path) -> dict[str, torch.Tensor]:
 
 def export_hf(tag_dir: Path, config: Config, out: Path) -> None:
     """A Hugging Face model directory (``save_pretrained``: safetensors + config.json) of an hf-kind run."""
-    from moge_ds.models import hf
+    from moge_ds.hf.export_names import hf_state_dict
+    from moge_ds.hf.loading import build
 
-    with tempfile.TemporaryDirectory(prefix="universal_", dir=out) as work:
+    with tempfile.TemporaryDirectory(prefix="universal_", dir=out) as work:  # inside the staged export
         autoep_weights = universal_weights(tag_dir, Path(work) / "universal")
-    model = hf.build(dataclasses.replace(config.model, hf_init="random"), config.train.seed)
+    model = build(dataclasses.replace(config.model, hf_init="random"), config.train.seed)
     own = model.state_dict()
-    weights = hf.hf_state_dict(autoep_weights, model.config)
+    weights = hf_state_dict(autoep_weights, model.config)
     # ZeRO-3 stores weights flat; a tied head is one weight stored once.
     weights = {k: v.reshape(own[k].shape) if k in own and v.numel() == own[k].numel() else v
                for k, v in weights.items()}
@@ -108,39 +109,51 @@ def export(checkpoint: Path, out: Path) -> Path:
     An hf-kind run exports as a Hugging Face model directory that ``from_pretrained`` loads.
     """
     tag_dir = checkpoint_dir(checkpoint)
+    _check_new_directory(out)
+    state = read_state(tag_dir)
+    config = _standalone(config_from_dict(state["config"]))
+    with staged_dir(out) as staging:
+        if config.model.kind == "hf":
+            _write_hf(tag_dir, config, state, staging, out)
+        else:
+            _write_native(tag_dir, config, state, staging, out)
+    return out
+
+
+def _check_new_directory(out: Path) -> None:
+    """An export is a new directory: never into a run, a checkpoint, a model or an earlier export."""
     if (out / MODEL_FILE).exists():
         raise CheckpointError(f"{out} already holds an export ({MODEL_FILE}): give another --out or remove it "
                               f"(nothing is overwritten)")
-    state = read_state(tag_dir)
-    config = _standalone(config_from_dict(state["config"]))
-    if config.model.kind == "hf":
-        out.mkdir(parents=True, exist_ok=True)
-        export_hf(tag_dir, config, out)
-        _copy_tokenizer(config, out)
-        config.model.hf_path, config.model.hf_init = str(out), "pretrained"
-        (out / HF_RUN_CONFIG).write_text(json.dumps({"config": config.to_dict(), "step": state["step"],
+    check_new_dir(out, "an export")
+
+
+def _write_hf(tag_dir: Path, config: Config, state: dict, staging: Path, out: Path) -> None:
+    export_hf(tag_dir, config, staging)
+    _copy_tokenizer(config, staging, out)
+    config.model.hf_path, config.model.hf_init = str(out), "pretrained"
+    (staging / HF_RUN_CONFIG).write_text(json.dumps({"config": config.to_dict(), "step": state["step"],
                                                      "source": str(tag_dir)}, indent=1))
-        return out
+
+
+def _write_native(tag_dir: Path, config: Config, state: dict, staging: Path, out: Path) -> None:
     weights = consolidated_state_dict(tag_dir)
     if config.model.kind == "gpt":
         config.model.vocab_size = config.model.vocab_size or weights["embed.weight"].shape[0]
     model = build_model(config, config.model.vocab_size)
     load_weights(model, weights, str(tag_dir))
-    out.mkdir(parents=True, exist_ok=True)
-    tmp = out / (MODEL_FILE + ".tmp")
-    save_model(model, str(tmp))
-    tmp.replace(out / MODEL_FILE)
+    save_model(model, str(staging / MODEL_FILE))
     if config.model.kind == "gpt":
-        _copy_tokenizer(config, out)
-    (out / "config.json").write_text(json.dumps({"config": config.to_dict(), "step": state["step"],
-                                                 "source": str(tag_dir)}, indent=1))
-    return out
+        _copy_tokenizer(config, staging, out)
+    (staging / "config.json").write_text(json.dumps({"config": config.to_dict(), "step": state["step"],
+                                                     "source": str(tag_dir)}, indent=1))
 
 
-def _copy_tokenizer(config: Config, out: Path) -> None:
-    """The run's sentencepiece model beside the export; ``config`` then points at the copy."""
+def _copy_tokenizer(config: Config, staging: Path, out: Path) -> None:
+    """The run's sentencepiece model beside the export; ``config`` then points at the copy (in
+    ``out``, where ``staging`` will be renamed to)."""
     if Path(config.data.tokenizer).is_file():
-        shutil.copyfile(config.data.tokenizer, out / "tokenizer.model")
+        shutil.copyfile(config.data.tokenizer, staging / "tokenizer.model")
         config.data.tokenizer = str(out / "tokenizer.model")
 
 

@@ -23,7 +23,8 @@ from moge_ds.data.text import build_text_splits, lm_batch, one_epoch_samples
 from moge_ds.data.tokenizer import load_tokenizer
 from moge_ds.distributed import collective_device
 from moge_ds.gate import set_sigma_step
-from moge_ds.models import hf
+from moge_ds.hf.families import read_config as read_hf_config
+from moge_ds.hf.loss import causal_lm_loss
 from moge_ds.topographic import SigmaSchedule
 
 
@@ -141,7 +142,7 @@ def load_images(spec: str, split: str) -> ImageSet:
         return image_folder(f"{spec[7:]}/{split}")
     if spec.startswith("hf:"):
         return hf_images(spec[3:], split)
-    raise ValueError(f"data.images must be 'fashion_mnist', 'folder:<dir>' or 'hf:<name>', got {spec!r}")
+    raise DataError(f"data.images must be 'fashion_mnist', 'folder:<dir>' or 'hf:<name>', got {spec!r}")
 
 
 class ImageClassification:
@@ -154,7 +155,7 @@ class ImageClassification:
         test = load_images(config.data.images, "test")
         held_out = config.data.valid_images
         if not 0 < held_out < len(train.labels):
-            raise ValueError(f"data.valid_images must be in (0, {len(train.labels)}), got {held_out}")
+            raise DataError(f"data.valid_images must be in (0, {len(train.labels)}), got {held_out}")
         # A fixed split: the same validation images for every seed, so runs compare on equal terms.
         order = torch.randperm(len(train.labels), generator=torch.Generator().manual_seed(0))
         self.train_images, self.train_labels = train.images[order[held_out:]], train.labels[order[held_out:]]
@@ -202,7 +203,7 @@ class HFLanguageModelling(LanguageModelling):
     def __init__(self, config: Config, micro_batch: int, rank: int, world: int, total_micro_batches: int,
                  device: torch.device):
         super().__init__(config, micro_batch, rank, world, total_micro_batches, device)
-        model_vocab = hf.read_config(config.model.hf_path).vocab_size
+        model_vocab = read_hf_config(config.model.hf_path).vocab_size
         if self.tokenizer.vocab_size > model_vocab:
             raise DataError(f"data.tokenizer {config.data.tokenizer} has {self.tokenizer.vocab_size} tokens, more than "
                             f"the {model_vocab} of model {config.model.hf_path}: use the tokenizer the model was "
@@ -216,7 +217,7 @@ class HFLanguageModelling(LanguageModelling):
         return model(input_ids=tokens).logits
 
     def loss(self, model, batch, step):
-        hf_loss, l_aux = hf.causal_lm_loss(model, batch, self.moe, self.sigma.value(step))
+        hf_loss, l_aux = causal_lm_loss(model, batch, self.moe, self.sigma.value(step))
         return hf_loss, l_aux, batch["tokens"].numel()
 
 

@@ -12,14 +12,19 @@ PNG) and :meth:`Trainer.close`.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import fcntl
 import json
 import logging
 import os
+import platform
 import shutil
 import sys
 import time
+from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
+from typing import IO
 
 import deepspeed
 import torch
@@ -27,8 +32,8 @@ import torch.distributed as dist
 from deepspeed.accelerator import get_accelerator
 from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
 
-from moge_ds import checkpoint, provenance
-from moge_ds.config import Config, ConfigError, load_config, load_ds_config, validate
+from moge_ds import checkpoint, lifeline, provenance
+from moge_ds.config import Config, ConfigError, check_ranges, load_config, load_ds_config, validate
 from moge_ds.data.documents import DataError
 from moge_ds.distributed import collective_device, init_job, set_timeout_of_every_group
 from moge_ds.models import build_model
@@ -63,10 +68,12 @@ class InputError(Exception):
         self.rank_specific = getattr(err, "rank_specific", False)
 
 
-def setup(args: argparse.Namespace) -> tuple[Config, dict]:
-    """Our config and the ds_config, validated together after torch.distributed is up."""
+def setup(args: argparse.Namespace) -> tuple[Config, dict, "RunDirClaim"]:
+    """Our config and the ds_config, validated together after torch.distributed is up, and the
+    run directory claimed."""
     try:
         config = load_config(args.config, tuple(args.set))
+        check_ranges(config)  # train.dist_timeout_s among them, before init_job uses it
     except ConfigError as err:
         raise InputError("config", err) from None
     config.train.resume = config.train.resume or args.resume
@@ -79,36 +86,109 @@ def setup(args: argparse.Namespace) -> tuple[Config, dict]:
                              accelerator.is_bf16_supported(), bool(accelerator.is_fp16_supported()))
     except ConfigError as err:
         raise InputError("config", err) from None
-    claim_run_dir(Path(config.train.output_dir), config.train.resume, args.overwrite)
-    return config, ds_config
+    return config, ds_config, claim_run_dir(Path(config.train.output_dir), config.train.resume, args.overwrite)
 
 
 # What a run writes into its directory; --overwrite removes exactly these.
 RUN_RECORDS = ("checkpoints", "history.jsonl", "metrics.json", "config.json", "loss_curve.png", "monitor",
                provenance.PROVENANCE_FILE)
+LOCK_FILE = ".moge_ds.lock"
 
 
-def claim_run_dir(out: Path, resume: bool, overwrite: bool) -> None:
-    """Refuse to start afresh over an earlier run unless asked to; every rank gets rank 0's verdict
-    (ranks on other nodes may not see the directory), so none goes on alone into a collective."""
+@dataclass
+class RunDirClaim:
+    """A run directory this job holds. Rank 0 keeps its lock open for the job's life; the OS
+    releases it when the process ends, however it ends.
+
+    --overwrite is three steps, so that a start that fails loses nothing: :meth:`take` (the data
+    checks passed) moves the earlier run's records aside into ``.overwritten-<pid>``,
+    :meth:`commit` (the engine is built) deletes them, :meth:`abandon` (the start failed) moves
+    them back. A start killed in between leaves them aside, whole."""
+
+    out: Path
+    lock: IO | None  # rank 0's locked file; None on the other ranks
+    earlier: list[str]  # records of an earlier run that --overwrite replaces
+    created: bool  # the claim made ``out`` (a refused start removes it again)
+
+    @property
+    def aside(self) -> Path:
+        return self.out / f".overwritten-{os.getpid()}"
+
+    def take(self) -> None:
+        """Move the earlier records aside and say in the lock file who holds it (rank 0; the others wait)."""
+        if self.lock is not None:
+            if self.earlier:
+                self.aside.mkdir()
+                for name in self.earlier:
+                    os.rename(self.out / name, self.aside / name)
+            self.lock.truncate(0)
+            self.lock.write(f"pid {os.getpid()} on {platform.node()}\n")
+            self.lock.flush()
+        dist.barrier()
+
+    def commit(self) -> None:
+        if self.lock is not None and self.aside.exists():
+            shutil.rmtree(self.aside)
+
+    def abandon(self) -> None:
+        """A start refused after the claim: leave the directory as it was."""
+        if self.lock is None:
+            return
+        if self.aside.exists():
+            for path in self.aside.iterdir():
+                os.rename(path, self.out / path.name)
+            self.aside.rmdir()
+        self.lock.close()
+        if self.created:  # only the lock file in it, unless another process wrote there since
+            (self.out / LOCK_FILE).unlink(missing_ok=True)
+            with contextlib.suppress(OSError):
+                self.out.rmdir()
+
+
+def _lock(out: Path) -> tuple[IO | None, bool, str]:
+    """Rank 0 locks ``out``'s lock file: the open file and whether ``out`` was made, or None and
+    the last recorded holder."""
+    created = not out.exists()
+    out.mkdir(parents=True, exist_ok=True)
+    handle = open(out / LOCK_FILE, "a+")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        holder = handle.read().strip() or "unknown"
+        handle.close()
+        return None, False, holder
+    return handle, created, ""
+
+
+def claim_run_dir(out: Path, resume: bool, overwrite: bool) -> RunDirClaim:
+    """Lock the run directory and refuse to start afresh over an earlier run unless asked to; every
+    rank gets rank 0's verdict (ranks on other nodes may not see the directory), so none goes on
+    alone into a collective. Nothing is removed or written here: see :meth:`RunDirClaim.take`."""
+    lock, created, holder = _lock(out) if dist.get_rank() == 0 else (None, False, "")
     earlier = [name for name in RUN_RECORDS if (out / name).exists()]
-    refuse = torch.tensor([float(bool(earlier) and not resume and not overwrite)], device=collective_device())
-    dist.broadcast(refuse, src=0)
-    if refuse.item():
+    busy = dist.get_rank() == 0 and lock is None
+    verdict = torch.tensor([2.0 if busy else float(bool(earlier) and not resume and not overwrite)],
+                           device=collective_device())
+    dist.broadcast(verdict, src=0)
+    claim = RunDirClaim(out, lock, earlier if overwrite else [], created)
+    if verdict.item():
+        claim.abandon()
+    if verdict.item() == 2.0:
+        raise InputError("run directory", FileExistsError(
+            f"{out} is in use by another run (it holds {out / LOCK_FILE}; last recorded holder: {holder}): wait "
+            f"for it to end, or give another train.output_dir"))
+    if verdict.item():
         raise InputError("run directory", FileExistsError(
             f"{out} holds an earlier run ({', '.join(earlier)}): continue it with --resume, start afresh over it "
             f"with --overwrite, or give another train.output_dir"))
-    if overwrite and dist.get_rank() == 0:
-        for name in earlier:
-            path = out / name
-            shutil.rmtree(path) if path.is_dir() else path.unlink()
-    dist.barrier()
+    return claim
 
 
 class Trainer:
     """One training run: the task, the DeepSpeed engine and the position (step, consumed samples)."""
 
-    def __init__(self, config: Config, ds_config: dict, local_rank: int = 0):
+    def __init__(self, config: Config, ds_config: dict, claim: RunDirClaim, local_rank: int = 0):
         self.config, self.ds_config = config, ds_config
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         self.micro = ds_config["train_micro_batch_size_per_gpu"]
@@ -128,7 +208,9 @@ class Trainer:
         resume_tag = self._find_resume_tag() if config.train.resume else None
         if resume_tag is not None and checkpoint.is_universal(self.ckpt_root / resume_tag):
             self.ds_config = {**ds_config, "checkpoint": {**ds_config.get("checkpoint", {}), "load_universal": True}}
+        claim.take()
         self.engine = self._build_engine()
+        claim.commit()
         if resume_tag is not None:
             self.resume(resume_tag)
         if self.rank == 0:
@@ -266,10 +348,15 @@ def main(argv: list[str] | None = None) -> dict:
     """Train; the final metrics per split ({} when stopped early by ``train.exit_after_steps``)."""
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    claim = None
     try:
-        config, ds_config = setup(args)
-        trainer = Trainer(config, ds_config, args.local_rank)
-    except InputError as err:
+        config, ds_config, claim = setup(args)
+        trainer = Trainer(config, ds_config, claim, args.local_rank)
+    except BaseException as err:
+        if claim is not None:
+            claim.abandon()
+        if not isinstance(err, InputError):
+            raise
         # Before torch.distributed is up, the launcher's RANK says who reports (mpirun: all do).
         rank = dist.get_rank() if dist.is_initialized() else int(os.environ.get("RANK", 0))
         if err.rank_specific:
@@ -295,6 +382,7 @@ def cli() -> None:
     passed) ends this rank with one paragraph and exit status 1: the groups are broken then, and
     tearing them down could wait on the lost rank.
     """
+    lifeline.die_with_launcher(f"moge_ds.train: rank {os.environ.get('RANK', '?')}")
     try:
         main()
     except checkpoint.CheckpointError as err:  # a save that failed during training

@@ -17,7 +17,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from moge_ds.checkpoint import STATE_FILE, CheckpointError, checkpoint_dir, read_state, write_atomic
+from moge_ds.checkpoint import (STATE_FILE, CheckpointError, check_new_dir, checkpoint_dir, read_state, staged_dir,
+                                write_atomic)
 
 
 def ds_to_universal(tag_dir: Path, out: Path) -> None:
@@ -32,17 +33,28 @@ def ds_to_universal(tag_dir: Path, out: Path) -> None:
 def convert(checkpoint: Path, out_root: Path) -> Path:
     """``out_root/<tag>``: the universal form of ``checkpoint`` (a root or a tag), made the one to resume."""
     tag_dir = checkpoint_dir(checkpoint)
-    state = read_state(tag_dir)
     target = out_root / tag_dir.name
+    _check_new_root(out_root, target)
+    state = read_state(tag_dir)
+    kind = state.get("config", {}).get("model", {}).get("kind")
+    if kind != "hf":
+        raise CheckpointError(f"{tag_dir} is a {kind} run's checkpoint: gpt and vit checkpoints need no conversion, "
+                              f"they load into another world size or moe.ep_size directly with --resume (the "
+                              f"universal format is for Hugging Face models under AutoEP and ZeRO-3)")
+    with staged_dir(target) as staging:  # a killed conversion leaves no half-written tag
+        ds_to_universal(tag_dir, staging)
+        write_atomic(staging / STATE_FILE, json.dumps({**state, "universal": True}, indent=1))
+    (out_root / "latest_universal").unlink(missing_ok=True)  # the converter's own pointer; ours is `latest`
+    write_atomic(out_root / "latest", tag_dir.name)
+    return target
+
+
+def _check_new_root(out_root: Path, target: Path) -> None:
+    """The conversion makes a new checkpoints directory; a killed conversion's leftover does not count."""
     if target.exists() or (out_root / "latest").exists():
         raise CheckpointError(f"{out_root} already holds checkpoints ({target.name if target.exists() else 'latest'}): "
                               f"give a new --out (nothing is overwritten)")
-    out_root.mkdir(parents=True, exist_ok=True)
-    ds_to_universal(tag_dir, target)
-    (out_root / "latest_universal").unlink(missing_ok=True)  # the converter's own pointer; ours is `latest`
-    write_atomic(target / STATE_FILE, json.dumps({**state, "universal": True}, indent=1))
-    write_atomic(out_root / "latest", tag_dir.name)
-    return target
+    check_new_dir(out_root, "the conversion")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import time
@@ -93,3 +94,26 @@ def test_resume_into_another_model_shape_is_refused(workspace, tmp_path):
     message = str(failure.value)
     assert "checkpoint error: cannot load" in message and str(checkpoints) in message
     assert "size mismatch" in message
+
+
+@pytest.mark.parametrize("damage", ["deleted", "flipped"])
+def test_a_damaged_file_only_rank_1_reads_is_named_before_loading(workspace, damage):
+    """Checksums recorded at save catch what a zip directory check cannot: a file deleted (only
+    rank 1 reads its ZeRO partition) and bytes changed in place (same size, still a valid zip)."""
+    source = saved_run(workspace, "saved_2_2", 2, 2)
+    shutil.copytree(source.parent, workspace / f"damaged_{damage}")
+    tag = workspace / f"damaged_{damage}" / "checkpoints" / (source / "latest").read_text()
+    victim = tag / "zero_pp_rank_1_mp_rank_00_optim_states.pt"
+    if damage == "deleted":
+        victim.unlink()
+    else:
+        data = bytearray(victim.read_bytes())
+        data[len(data) // 2] ^= 0xFF
+        victim.write_bytes(bytes(data))
+    with pytest.raises(AssertionError) as failure:
+        train(workspace, f"damaged_{damage}", "train.steps=4", "moe.ep_size=2", "moe.drop_tokens=false",
+              "model.vocab_size=300", resume=True)
+    expected = "is missing" if damage == "deleted" else "differs from what was saved (checksum mismatch"
+    assert f"checkpoint error: damaged checkpoint files: {victim} {expected}" in str(failure.value), \
+        str(failure.value)[-3000:]
+    assert "Traceback" not in str(failure.value)

@@ -91,12 +91,13 @@ def test_hf_model_without_autoep_preset(tmp_path):
         validate(config, autoep_ds(), 2)
 
 
-def test_hf_model_without_router_logits(tmp_path):
+def test_hf_model_whose_config_names_no_top_k(tmp_path):
+    """DeepSeek-V2's default config has no num_experts_per_tok: refused by name, before any build."""
     from transformers import DeepseekV2Config
 
     DeepseekV2Config(hidden_size=32, num_hidden_layers=1, num_attention_heads=2).save_pretrained(tmp_path)
     config = load_config(str(REPO / "configs/mixtral_tiny.yaml"), (f"model.hf_path={tmp_path}", ))
-    with pytest.raises(ConfigError, match="model type 'deepseek_v2' does not return its router logits"):
+    with pytest.raises(ConfigError, match="model type 'deepseek_v2': its config sets no num_experts_per_tok"):
         validate(config, autoep_ds(), 2)
 
 

@@ -5,7 +5,8 @@ import torch
 from transformers import MixtralConfig, MixtralForCausalLM, Qwen3MoeConfig, Qwen3MoeForCausalLM
 
 from moge_ds.config import MoEConfig
-from moge_ds.models.hf import causal_lm_loss, hf_state_dict, router_group_sparsity
+from moge_ds.hf.export_names import hf_state_dict
+from moge_ds.hf.loss import causal_lm_loss, router_group_sparsity
 from tests.reference import reference_loss
 
 TINY = dict(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
@@ -137,3 +138,44 @@ def test_hf_tokenizer_feeds_the_data_pipeline(corpus, tmp_path):
     assert batch["tokens"].max() < tokenizer.vocab_size
     hf_loss, l_aux, items = task.loss(MixtralForCausalLM(small), batch, step=0)
     assert torch.isfinite(hf_loss) and l_aux == 0 and items == 2 * 16
+
+
+class TwiceRouted(torch.nn.Module):
+    """``model.layers.0.mlp`` calling its router twice, the second time on other inputs (as DeepSpeed's
+    Qwen3.5-MoE layer calls it again to return its logits)."""
+
+    def __init__(self):
+        super().__init__()
+        mlp = torch.nn.Module()
+        mlp.gate = torch.nn.Linear(4, 8, bias=False)
+        self.model = torch.nn.Module()
+        self.model.layers = torch.nn.ModuleList([torch.nn.Module()])
+        self.model.layers[0].mlp = mlp
+
+    def forward(self, x):
+        gate = self.model.layers[0].mlp.gate
+        return gate(x) + gate(2 * x)
+
+
+def test_router_hooks_keep_the_first_call_and_leave_no_hook_behind():
+    from moge_ds.hf.families import Family
+    from moge_ds.hf.routers import RouterLogits
+
+    model, x = TwiceRouted(), torch.randn(3, 4)
+    fam = Family("toy", "toy", num_experts=8, top_k=2, score_func="softmax",
+                 moe_layer_pattern=r"model\.layers\.\d+\.mlp", router_name="gate")
+    with RouterLogits(model, fam) as routers:
+        model(x)
+    assert len(routers.logits) == 1 and torch.equal(routers.logits[0], model.model.layers[0].mlp.gate(x))
+    assert not model.model.layers[0].mlp.gate._forward_hooks
+
+
+def test_correction_bias_exports_under_the_hf_router():
+    """DeepSeek-V3's ``e_score_correction_bias`` sits on AutoEP's router; HF keeps it on ``mlp.gate``."""
+    from transformers import DeepseekV3Config
+
+    config = DeepseekV3Config(n_routed_experts=8, num_experts_per_tok=2)
+    bias = torch.arange(8.0)
+    mapped = hf_state_dict({"model.layers.1.mlp.router.e_score_correction_bias": bias,
+                            "model.layers.1.mlp.router.gate.weight": torch.ones(8, 4)}, config)
+    assert mapped.keys() == {"model.layers.1.mlp.gate.e_score_correction_bias", "model.layers.1.mlp.gate.weight"}

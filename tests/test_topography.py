@@ -68,6 +68,18 @@ def test_topography_of_uniform_and_peaked_routers():
     assert top_k_load(peaked, 1).sum() == pytest.approx(1.0)
 
 
+def test_topography_scores_both_graphs_whatever_the_padding():
+    """Top-2 always experts 0 and 3 of a 3x4 map: neighbours across the wrap only, so the torus
+    sees a perfect map and the flat grid none, under either padding's geometry."""
+    scores = torch.full((5, 12), 0.01)
+    scores[:, 0], scores[:, 3] = 0.5, 0.4
+    for padding in ("valid", "circular"):
+        measures = topography(scores, MapGeometry((3, 4), 3, 1, padding, 1.0), 2)
+        assert measures["top2_neighbour_rate_torus"] == 1.0 and measures["top2_neighbour_rate_flat"] == 0.0
+        assert measures["top2_neighbour_chance_torus"] > measures["top2_neighbour_chance_flat"]
+    assert measures["top2_neighbour_rate"] == measures["top2_neighbour_rate_torus"]  # circular: its own map
+
+
 @pytest.mark.parametrize("policy", [None, "Jitter", "RSample"])
 @pytest.mark.parametrize("gs_weight", [0.0, 1.0])
 def test_gate_keeps_noise_free_scores(policy, gs_weight):

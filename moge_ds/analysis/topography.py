@@ -72,8 +72,14 @@ def topography(scores: torch.Tensor, geometry: MapGeometry, k: int) -> dict[str,
     num_experts = scores.shape[1]
     neighbours, pooling = geometry.neighbours(), geometry.pooling()
     rate, chance = top2_neighbour_rate(scores, neighbours)
+    # Both graphs for every run, so MoE (scored on the flat grid by default) and circular MoGE (on
+    # the torus) can be compared like for like.
+    torus, torus_chance = top2_neighbour_rate(scores, map_neighbours(geometry.map_shape, True))
+    flat, flat_chance = top2_neighbour_rate(scores, map_neighbours(geometry.map_shape, False))
     uniform = torch.full_like(scores[:1], 1.0 / num_experts)
     return {"top2_neighbour_rate": rate, "top2_neighbour_chance": chance,
+            "top2_neighbour_rate_torus": torus, "top2_neighbour_chance_torus": torus_chance,
+            "top2_neighbour_rate_flat": flat, "top2_neighbour_chance_flat": flat_chance,
             "map_smoothness": map_smoothness(scores, neighbours),
             "border_bias": border_bias(top_k_load(scores, k), pooling),
             "entropy_normalized": (routing_entropy(scores).mean() / math.log(num_experts)).item(),

@@ -22,7 +22,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from megatron.core.datasets.indexed_dataset import DType, IndexedDatasetBuilder
 from tqdm import tqdm
 
 from moge_ds.data.documents import DataError, SourceSpec, iter_documents
@@ -56,6 +55,11 @@ def preprocess(spec: SourceSpec, tokenizer_path: str, output_prefix: str, worker
 
     Documents keep their input order whatever ``workers`` is, so the output is identical.
     """
+    if workers < 1:
+        raise DataError(f"--workers must be >= 1 (processes that tokenize), got {workers}")
+    # Imported here: megatron-core takes ~10 s to import, and bad options are refused before that.
+    from megatron.core.datasets.indexed_dataset import DType, IndexedDatasetBuilder
+
     tokenizer = load_tokenizer(tokenizer_path)
     dtype = DType.optimal_dtype(tokenizer.vocab_size)
     Path(output_prefix).parent.mkdir(parents=True, exist_ok=True)
@@ -97,10 +101,16 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m moge_ds.data.preprocess", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     add_source_args(parser)
-    parser.add_argument("--tokenizer", required=True, help="a sentencepiece .model file, or a directory holding a Hugging Face tokenizer")
+    parser.add_argument("--tokenizer", required=True,
+                        help="a sentencepiece .model file, or a directory holding a Hugging Face tokenizer")
     parser.add_argument("--output-prefix", required=True, help="writes PREFIX.bin and PREFIX.idx")
-    parser.add_argument("--workers", type=int, default=max(1, min(8, os.cpu_count() or 1)))
+    parser.add_argument("--workers", type=int, default=max(1, min(8, os.cpu_count() or 1)), help=">= 1")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing PREFIX.bin/.idx")
     args = parser.parse_args(argv)
+    existing = [f"{args.output_prefix}{ext}" for ext in (".bin", ".idx") if os.path.exists(args.output_prefix + ext)]
+    if existing and not args.overwrite:
+        parser.exit(2, f"error: {' and '.join(existing)} exist (runs may have trained on them): give another "
+                       f"--output-prefix, or --overwrite to replace them\n")
     torch.set_num_threads(1)
     try:
         stats = preprocess(source_from_args(args), args.tokenizer, args.output_prefix, args.workers)

@@ -77,7 +77,8 @@ class HFTokenizer:
         try:
             self.hf = AutoTokenizer.from_pretrained(self.path, local_files_only=True)
         except (OSError, ValueError) as err:
-            raise DataError(f"{str(self.path)!r} holds no Hugging Face tokenizer transformers can load: {err}") from None
+            raise DataError(f"{str(self.path)!r} holds no Hugging Face tokenizer transformers can load: {err}") \
+                from None
         if self.hf.eos_token_id is None:
             raise DataError(f"the tokenizer in {self.path} has no eos token, which moge-ds puts between documents")
         self.files = [self.path / name for name in self.FILES if (self.path / name).is_file()]
@@ -144,8 +145,7 @@ def train_tokenizer(spec: SourceSpec,
     Special ids: pad 0, unk 1, EOD (``</s>``) 2, newline 3, then ``user_defined_symbols``; no BOS.
     No normalisation, so decoding gives back the exact text.
     """
-    if vocab_size < 8:
-        raise DataError(f"vocab_size must be >= 8, got {vocab_size}")
+    check_training_options(vocab_size, character_coverage, input_sentence_size)
     Path(model_prefix).parent.mkdir(parents=True, exist_ok=True)
     model = io.BytesIO()
     try:
@@ -177,6 +177,27 @@ def train_tokenizer(spec: SourceSpec,
     return tokenizer
 
 
+def check_training_options(vocab_size: int, character_coverage: float, input_sentence_size: int) -> None:
+    """Refuse what sentencepiece would stop on with a C++ assertion, or read silently as something else."""
+    if vocab_size < 8:
+        raise DataError(f"vocab_size (--vocab-size) must be >= 8, got {vocab_size}")
+    if not 0.98 <= character_coverage <= 1:
+        raise DataError(f"character_coverage (--character-coverage) must be in [0.98, 1] (sentencepiece's range), "
+                        f"got {character_coverage}")
+    if input_sentence_size < 0:
+        raise DataError(f"input_sentence_size (--input-sentence-size) must be >= 0 (0: every line), got "
+                        f"{input_sentence_size}")
+
+
+def token_ids(words: list[str], tokenizer: Tokenizer | HFTokenizer) -> list[int]:
+    """``words`` as token ids of ``tokenizer``, or a DataError naming the first that is not one."""
+    for word in words:
+        if not word.lstrip("-").isdigit() or not 0 <= int(word) < tokenizer.vocab_size:
+            raise DataError(f"decode takes token ids, integers in 0..{tokenizer.vocab_size - 1} for {tokenizer.path}, "
+                            f"got {word!r}")
+    return [int(word) for word in words]
+
+
 def add_source_args(parser: argparse.ArgumentParser, default_input: str | None = DEFAULT_CORPUS) -> None:
     """The input options shared by the tokenizer and preprocessing CLIs."""
     parser.add_argument("--input", nargs="+", default=[default_input] if default_input else None,
@@ -203,9 +224,9 @@ def main(argv: list[str] | None = None) -> None:
     train = sub.add_parser("train", help="train a sentencepiece model")
     add_source_args(train)
     train.add_argument("--model-prefix", required=True)
-    train.add_argument("--vocab-size", type=int, default=8000)
+    train.add_argument("--vocab-size", type=int, default=8000, help=">= 8")
     train.add_argument("--model-type", choices=["unigram", "bpe"], default="unigram")
-    train.add_argument("--character-coverage", type=float, default=0.9995)
+    train.add_argument("--character-coverage", type=float, default=0.9995, help="in [0.98, 1]")
     train.add_argument("--no-byte-fallback", dest="byte_fallback", action="store_false")
     train.add_argument("--user-defined-symbols", nargs="*", default=[])
     train.add_argument("--input-sentence-size", type=int, default=2_000_000,
@@ -213,7 +234,8 @@ def main(argv: list[str] | None = None) -> None:
     train.add_argument("--seed", type=int, default=1234)
     for name in ("encode", "decode"):
         p = sub.add_parser(name)
-        p.add_argument("--model", required=True)
+        p.add_argument("--model", required=True, help="a sentencepiece .model file, or a Hugging Face tokenizer "
+                       "directory")
         p.add_argument("text", nargs="+")
     args = parser.parse_args(argv)
     try:
@@ -223,9 +245,10 @@ def main(argv: list[str] | None = None) -> None:
                                   args.input_sentence_size, args.seed)
             print(f"wrote {args.model_prefix}.model ({tok.vocab_size} pieces)")
         elif args.command == "encode":
-            print(" ".join(map(str, Tokenizer(args.model).tokenize(" ".join(args.text)))))
+            print(" ".join(map(str, load_tokenizer(args.model).tokenize(" ".join(args.text)))))
         else:
-            print(Tokenizer(args.model).detokenize([int(t) for t in args.text]))
+            tokenizer = load_tokenizer(args.model)
+            print(tokenizer.detokenize(token_ids(args.text, tokenizer)))
     except DataError as err:
         parser.exit(2, f"error: {err}\n")
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -60,7 +61,9 @@ def collect(sweep: Sweep) -> tuple[list[dict], dict]:
     return rows, overall
 
 
-def _verdict(diff: dict) -> str:
+def _verdict(diff: dict, split: str) -> str:
+    if split != "test":  # a split the arms are chosen on: its differences are selected, not tested
+        return "selection, not a test"
     if diff["p"] is None or math.isnan(diff["p"]):
         return "n/a"
     if diff["p"] >= 0.05:
@@ -89,18 +92,29 @@ def write_report(sweep: Sweep) -> Path:
         cells += [f"{d['mean']:+.4g} ± {d['std']:.2g}" if d else "-" for d in diffs]
         first = diffs[0] if diffs else None
         cells += [f"{first['p']:.3f}" if first and first["p"] is not None else "-",
-                  _verdict(first) if first else "-"]
+                  _verdict(first, sweep.report_split) if first else "-"]
         lines.append("| " + " | ".join(cells) + " |")
-    for arm, d in overall.items():
-        p = f"{d['p']:.3f}" if d["p"] is not None else "-"
-        lines += ["", f"All points pooled, {arm} - {sweep.baseline}: {d['mean']:+.4g} ± {d['std']:.2g} over {d['n']} "
-                  f"(point, seed) pairs, paired t p = {p}: {_verdict(d)}."]
+    lines += _pooled_lines(sweep, overall, "All points pooled")
+    fresh = [s for s in sweep.seeds if s not in sweep.selection_seeds]
+    if sweep.selection_seeds and fresh:
+        _, fresh_overall = collect(dataclasses.replace(sweep, seeds=fresh))
+        lines += _pooled_lines(sweep, fresh_overall, f"Fresh seeds {fresh} alone (seeds {sweep.selection_seeds} "
+                                                     f"chose the arm)")
     lines += ["", *_provenance_lines(sweep)]
     lines += ["", "Reproduce: `python -m moge_ds.experiments run " + f"experiments/{sweep.name}.yaml` "
               "then `report` (runs under results/<name>/runs/, each with its launch.log and config.json)."]
     (sweep.root / "results.md").write_text("\n".join(lines) + "\n")
     _plot(sweep, rows)
     return sweep.root / "results.md"
+
+
+def _pooled_lines(sweep: Sweep, overall: dict, label: str) -> list[str]:
+    lines = []
+    for arm, d in overall.items():
+        p = f"{d['p']:.3f}" if d["p"] is not None else "-"
+        lines += ["", f"{label}, {arm} - {sweep.baseline}: {d['mean']:+.4g} ± {d['std']:.2g} over {d['n']} "
+                  f"(point, seed) pairs, paired t p = {p}: {_verdict(d, sweep.report_split)}."]
+    return lines
 
 
 def _provenance_lines(sweep: Sweep) -> list[str]:

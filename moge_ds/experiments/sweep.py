@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,10 +42,19 @@ class Sweep:
     arms: dict[str, list[str]]
     seeds: list[int]
     nproc: int = 1
+    # Seeds whose runs chose this sweep's arm on validation earlier: the report also gives the
+    # paired differences over the other (fresh) seeds alone, the only ones free of that selection.
+    selection_seeds: list[int] = dataclasses.field(default_factory=list)
 
     @classmethod
     def load(cls, path: str) -> "Sweep":
+        if not Path(path).is_file():
+            raise SweepError(f"sweep file {path} does not exist (the sweeps are under experiments/)")
         spec = yaml.safe_load(Path(path).read_text())
+        fields = [f.name for f in dataclasses.fields(cls)]
+        unknown = sorted(set(spec or {}) - set(fields)) if isinstance(spec, dict) else ["(not a mapping)"]
+        if unknown:
+            raise SweepError(f"{path}: unknown keys {unknown}; a sweep has {fields}")
         try:
             sweep = cls(**spec)
         except TypeError as err:

@@ -31,7 +31,8 @@ from moge_ds.monitor import read_history
 from moge_ds.topographic import default_map_shape
 
 MEASURES = ("top2_neighbour_rate", "top2_neighbour_chance", "map_smoothness", "border_bias", "entropy_normalized",
-            "group_sparsity_loss", "group_sparsity_loss_uniform")
+            "group_sparsity_loss", "group_sparsity_loss_uniform", "top2_neighbour_rate_torus",
+            "top2_neighbour_chance_torus", "top2_neighbour_rate_flat", "top2_neighbour_chance_flat")
 
 
 def paper_lambda(saved: dict) -> float:
@@ -92,7 +93,8 @@ def arm_summary(sweep: Sweep, point, arm: str, probe: int) -> dict | None:
         topo = run_topography(run_dir, probe)
         seeds[seed] = {"valid": metrics["valid"][sweep.metric], "test": metrics["test"][sweep.metric],
                        "plateau_gap": plateau_gap(read_history(run_dir / "history.jsonl"), sweep.metric),
-                       **{m: _mean([layer[m] for layer in topo["layers"]]) for m in MEASURES},
+                       # runs measured before both graphs were scored lack the *_torus/*_flat keys
+                       **{m: _mean([layer.get(m, math.nan) for layer in topo["layers"]]) for m in MEASURES},
                        "paper_lambda": topo["paper_lambda"], "gs_weight": topo["gs_weight"],
                        "padding": topo["padding"]}
     if not seeds:
@@ -124,6 +126,14 @@ def choose_on_validation(sweep: Sweep, arms: list[dict]) -> dict:
             "test": {"chosen": best["test"], "baseline": base["test"]}}
 
 
+def _both_graphs(arm: dict) -> str:
+    """The top-2 neighbour rate on the torus and on the flat grid, each with its chance level."""
+    if math.isnan(arm["top2_neighbour_rate_torus"]):
+        return "- (not measured)"
+    return (f"{arm['top2_neighbour_rate_torus']:.3f} ({arm['top2_neighbour_chance_torus']:.3f}) / "
+            f"{arm['top2_neighbour_rate_flat']:.3f} ({arm['top2_neighbour_chance_flat']:.3f})")
+
+
 def _fmt(value: float, std: float, digits: int = 3) -> str:
     if math.isnan(value):
         return "-"
@@ -144,13 +154,15 @@ def write_topography_report(sweep: Sweep, probe: int = 2000) -> Path:
              f"{probe} probe {'images' if 'vit' in sweep.preset else 'tokens'} from the test split, averaged over "
              f"the MoE layers. Plateau gap: change of the validation {m} over the last quarter of the run.", "",
              f"| arm | paper lambda | gs_weight | padding | valid {m} | plateau gap | top-2 neighbours | chance | "
-             f"smoothness | border bias | entropy (norm.) | GS loss / uniform |", "|" + "---|" * 12]
+             f"torus / flat (chance) | smoothness | border bias | entropy (norm.) | GS loss / uniform |",
+             "|" + "---|" * 13]
     for a in arms:
         ratio = a["group_sparsity_loss"] / a["group_sparsity_loss_uniform"]
         lines.append(f"| {a['arm']} | {a['paper_lambda']:.2g} | {a['gs_weight']:.4g} | {a['padding']} | "
                      f"{_fmt(a['valid'], a['valid_std'], 4)} | {a['plateau_gap']:+.4f} | "
                      f"{_fmt(a['top2_neighbour_rate'], a['top2_neighbour_rate_std'])} | "
-                     f"{a['top2_neighbour_chance']:.3f} | {_fmt(a['map_smoothness'], a['map_smoothness_std'])} | "
+                     f"{a['top2_neighbour_chance']:.3f} | {_both_graphs(a)} | "
+                     f"{_fmt(a['map_smoothness'], a['map_smoothness_std'])} | "
                      f"{_fmt(a['border_bias'], a['border_bias_std'])} | {a['entropy_normalized']:.3f} | "
                      f"{ratio:.3f} |")
     test, valid = choice["test_difference"], choice["valid_difference"]
@@ -245,14 +257,18 @@ def write_scaling_report(sweep: Sweep, points: list, probe: int) -> Path:
              f"Mean ± std over seeds {sweep.seeds}, noise-free scores of {probe} probe inputs from the test split, "
              f"averaged over the MoE layers; MoGE arm vs `{sweep.baseline}` (in parentheses). Plateau gap: change of "
              f"the validation {m} over the last quarter of the run.", "",
+             "Top-2 neighbours are scored on each arm's own map (the flat grid under valid padding, the torus "
+             "under circular); the torus / flat column scores both arms on both graphs where measured.", "",
              "| " + " | ".join(k.split(".")[-1] for k in keys) + f" | arm | test {m} diff (paired) | p | top-2 "
-             f"neighbours | chance | smoothness | entropy (norm.) | plateau gap |", "|" + "---|" * (len(keys) + 8)]
+             f"neighbours | chance | torus / flat (chance) | smoothness | entropy (norm.) | plateau gap |",
+             "|" + "---|" * (len(keys) + 9)]
     for r in rows:
         arm, base, test = r["arm"], r["baseline"], r["test_difference"]
         lines.append("| " + " | ".join(str(r["point"][k]) for k in keys) + f" | {arm['arm']} | "
                      f"{test['mean']:+.4f} ± {test['std']:.4f} | {test['p']:.3f} | "
                      f"{arm['top2_neighbour_rate']:.3f} ({base['top2_neighbour_rate']:.3f}) | "
                      f"{arm['top2_neighbour_chance']:.3f} ({base['top2_neighbour_chance']:.3f}) | "
+                     f"{_both_graphs(arm)} ({_both_graphs(base)}) | "
                      f"{arm['map_smoothness']:+.3f} ({base['map_smoothness']:+.3f}) | "
                      f"{arm['entropy_normalized']:.3f} ({base['entropy_normalized']:.3f}) | "
                      f"{arm['plateau_gap']:+.4f} ({base['plateau_gap']:+.4f}) |")

@@ -3,7 +3,7 @@
 import torch
 
 from moge_ds.config import Config
-from moge_ds.models import hf
+from moge_ds.hf.loading import build as build_hf
 from moge_ds.models.blocks import init_experts
 from moge_ds.models.gpt import GPT
 from moge_ds.models.vit import ViT
@@ -19,7 +19,7 @@ def build_model(config: Config, vocab_size: int | None = None, ep_rank: int = 0)
     (``ep_rank`` = this rank's place in its expert-parallel group), see ``init_experts``.
     """
     if config.model.kind == "hf":
-        return hf.build(config.model, config.train.seed)
+        return build_hf(config.model, config.train.seed)
     torch.manual_seed(config.train.seed)
     sigma_steps = config.moe.sigma_steps or config.train.steps  # the schedule spans the run by default
     if config.model.kind == "gpt":

@@ -1,0 +1,66 @@
+"""Start-up checks of a Hugging Face model run (``model.kind`` hf) against the ds_config and the world
+size. ``moge_ds.config.validate`` calls :func:`check_hf`; this package never imports ``moge_ds.config``,
+so the two do not import each other. Errors are :class:`HFModelError`, which validate re-raises as
+its ``ConfigError``."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from moge_ds.hf.families import Family, HFModelError, family, read_config
+from moge_ds.hf.loading import WEIGHT_FILES, has_weights
+
+if TYPE_CHECKING:
+    from moge_ds.config import Config
+
+
+def check_hf(config: Config, ds: dict, world_size: int) -> None:
+    """A Hugging Face model under AutoEP: a local model with a preset, its experts split evenly over
+    ``autoep_size`` ranks. Fills ``moe.num_experts``/``top_k`` from the model and ``moe.ep_size``
+    from ``autoep_size``, so the map checks and the checkpoint layout use them."""
+    model, moe = config.model, config.moe
+    autoep = ds.get("expert_parallel") or {}
+    if model.kind != "hf":
+        if autoep.get("enabled"):
+            raise HFModelError("the ds_config enables expert_parallel (DeepSpeed AutoEP), which replaces the MoE "
+                               "blocks of Hugging Face models: use model.kind hf, or remove it (gpt/vit set "
+                               "moe.ep_size)")
+        return
+    if model.hf_path is None:
+        raise HFModelError("model.kind hf needs model.hf_path: a local directory holding the model's config.json")
+    hf_config = read_config(model.hf_path)
+    fam = family(hf_config)
+    _check_autoep(fam, autoep, world_size, moe.ep_size)
+    _check_model_directory(config, hf_config)
+    moe.num_experts, moe.top_k, moe.ep_size = fam.num_experts, fam.top_k, autoep.get("autoep_size", 1)
+
+
+def _check_autoep(fam: Family, autoep: dict, world_size: int, ep_size: int) -> None:
+    """AutoEP is on, with the family's preset and an ``autoep_size`` that splits the experts evenly."""
+    if not autoep.get("enabled"):
+        raise HFModelError(f'model.kind hf trains under DeepSpeed AutoEP: add "expert_parallel": {{"enabled": true, '
+                           f'"autoep_size": N, "preset_model": "{fam.preset}"}} to the ds_config (autoep_size 1: '
+                           f'data parallel only), e.g. ds_configs/autoep_zero3_bf16.json')
+    if autoep.get("preset_model") not in (None, fam.preset):
+        raise HFModelError(f"ds_config expert_parallel.preset_model {autoep['preset_model']!r} does not fit model "
+                           f"type {fam.model_type!r}: use {fam.preset!r}")
+    size = autoep.get("autoep_size", 1)
+    allowed = [n for n in range(1, world_size + 1) if world_size % n == 0 and fam.num_experts % n == 0]
+    if size not in allowed or isinstance(size, bool):
+        raise HFModelError(f"ds_config expert_parallel.autoep_size {size!r} must divide both the world size "
+                           f"{world_size} and the model's {fam.num_experts} experts: allowed are {allowed}")
+    if ep_size not in (1, size):
+        raise HFModelError(f"moe.ep_size {ep_size} is for gpt/vit; a Hugging Face model's expert parallelism is "
+                           f"expert_parallel.autoep_size ({size}) in the ds_config")
+
+
+def _check_model_directory(config: Config, hf_config) -> None:
+    """The weights a "pretrained" run loads exist; the sequence fits the model's positions."""
+    model = config.model
+    if model.hf_init == "pretrained" and not has_weights(model.hf_path):
+        raise HFModelError(f"model.hf_init is 'pretrained' but {model.hf_path} holds no weights (none of "
+                           f"{list(WEIGHT_FILES)}): add them, or set model.hf_init=random to pre-train")
+    positions = getattr(hf_config, "max_position_embeddings", None)
+    if positions is not None and model.seq_length > positions:
+        raise HFModelError(f"model.seq_length {model.seq_length} exceeds the model's max_position_embeddings "
+                           f"{positions}")

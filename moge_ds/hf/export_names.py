@@ -1,0 +1,37 @@
+"""AutoEP's parameter names -> Hugging Face's, for exporting a trained AutoEP model."""
+
+from __future__ import annotations
+
+import torch
+
+from moge_ds.hf.families import HFModelError, autoep_preset_name
+
+
+def hf_state_dict(autoep_weights: dict[str, torch.Tensor], hf_config) -> dict[str, torch.Tensor]:
+    """The model's weights under Hugging Face's names from AutoEP's (global experts, as a Universal
+    Checkpoint holds them).
+
+    AutoEP keeps the router's linear as ``<mlp>.router.<gate>`` and its buffers (DeepSeek-V3's and
+    MiniMax-M3's ``e_score_correction_bias``) as ``<mlp>.router.<buffer>``, which HF keeps on
+    ``<mlp>.<gate>``; each fused ``gate_up_proj [E, 2F, H]`` as ``w1`` (gate) and ``w3`` (up), each
+    ``[E, F, H]``; ``down_proj [E, H, F]`` is ``w2``. Every preset here stores experts fused this way
+    ("fused_3d"); other layouts are refused.
+    """
+    from deepspeed.module_inject.auto_ep_presets.registry import get_preset
+
+    preset = get_preset(autoep_preset_name(hf_config))
+    if preset.expert_storage != "fused_3d" or preset.expert_w3 is not None:
+        raise HFModelError(f"exporting AutoEP preset {preset.preset_adapter!r} ({preset.expert_storage} experts) to "
+                           f"Hugging Face is not supported: moge-ds maps fused gate_up_proj experts only")
+    experts, gate = f".{preset.experts_pattern}.", f".{preset.router_pattern}."
+    weights = {}
+    for name, tensor in autoep_weights.items():
+        if name.endswith(experts + "w3"):
+            continue
+        if name.endswith(experts + "w1"):
+            up = autoep_weights[name[:-2] + "w3"]
+            name, tensor = name[:-2] + preset.expert_w1, torch.cat([tensor, up], dim=1)
+        elif name.endswith(experts + "w2"):
+            name = name[:-2] + preset.expert_w2
+        weights[name.replace(".router" + gate, gate).replace(".router.", gate)] = tensor
+    return weights

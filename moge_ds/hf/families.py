@@ -1,0 +1,82 @@
+"""What moge-ds needs to know about each Hugging Face MoE family, read from the model's config and
+DeepSpeed AutoEP's preset for its ``model_type`` (one source for both: the preset is what AutoEP
+itself replaces the MoE blocks by)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+
+class HFModelError(ValueError):
+    """A Hugging Face model moge-ds cannot train; the message names the model and what would be needed."""
+
+
+@dataclass(frozen=True)
+class Family:
+    """One HF MoE family's facts.
+
+    Attributes:
+        model_type: the config's ``model_type``.
+        preset: DeepSpeed AutoEP's preset name for it.
+        num_experts: routed experts per MoE layer (shared experts not counted: they are not on the map).
+        top_k: experts each token is routed to.
+        score_func: how the router turns its logits into scores: ``"softmax"`` or ``"sigmoid"``.
+        moe_layer_pattern: regex of the MoE blocks' module names (``model.layers.N.mlp``).
+        router_name: the router's attribute name in an HF MoE block (``gate``).
+    """
+
+    model_type: str
+    preset: str
+    num_experts: int
+    top_k: int
+    score_func: Literal["softmax", "sigmoid"]
+    moe_layer_pattern: str
+    router_name: str
+
+
+def read_config(path: str):
+    """The model's ``PretrainedConfig`` from a local directory (never the hub)."""
+    from transformers import AutoConfig
+
+    if not (Path(path) / "config.json").is_file():
+        raise HFModelError(f"model.hf_path {path!r} is not a Hugging Face model directory: it has no config.json "
+                           f"(moge-ds reads models from local directories only)")
+    try:
+        return AutoConfig.from_pretrained(path, local_files_only=True)
+    except (ValueError, KeyError, OSError) as err:
+        raise HFModelError(f"model.hf_path {path}: transformers cannot read its config.json: {err}") from None
+
+
+def autoep_preset_name(hf_config) -> str:
+    """The name of DeepSpeed AutoEP's preset for the model's ``model_type``."""
+    from deepspeed.module_inject.auto_ep_presets.registry import (PRESET_MODELS, available_preset_names,
+                                                                  get_preset, preset_name_for_hf_model_type)
+
+    model_type = hf_config.model_type
+    name = preset_name_for_hf_model_type(model_type)
+    if name is not None:
+        return name
+    # e.g. the vision-language Qwen3.5-MoE / MiniMax-M3, whose text backbone has a preset.
+    notes = [p.unsupported_hf_model_type_notes[model_type] for p in PRESET_MODELS.values()
+             if model_type in p.unsupported_hf_model_type_notes]
+    supported = sorted(t for p in available_preset_names() for t in get_preset(p).hf_model_types)
+    raise HFModelError(f"model type {model_type!r} has no DeepSpeed AutoEP preset; the supported types are "
+                       f"{supported}" + (f". DeepSpeed says: {notes[0]}" if notes else ""))
+
+
+def family(hf_config) -> Family:
+    """The facts of the model's family, from its config and its AutoEP preset."""
+    from deepspeed.module_inject.auto_ep_presets.registry import get_preset
+
+    name = autoep_preset_name(hf_config)
+    preset = get_preset(name)
+    layout = {attr: getattr(hf_config, attr, None) for attr in (preset.num_experts_attr, preset.top_k_attr)}
+    unset = [attr for attr, value in layout.items() if not isinstance(value, int) or value < 1]
+    if unset:
+        raise HFModelError(f"model type {hf_config.model_type!r}: its config sets no {' or '.join(unset)} "
+                           f"(got {layout}), so it has no routed experts for MoGE: set them in its config.json")
+    return Family(model_type=hf_config.model_type, preset=name, num_experts=layout[preset.num_experts_attr],
+                  top_k=layout[preset.top_k_attr], score_func=preset.score_func,
+                  moe_layer_pattern=preset.moe_layer_pattern, router_name=preset.router_pattern)

@@ -1,0 +1,364 @@
+"""Upcycle a dense Hugging Face causal LM into a mixture of experts, exact at step 0.
+
+    python -m moge_ds.upcycle SRC --out DIR --num-experts 8 --top-k 2 \\
+        [--router-init zeros|normal --router-std S --seed N --noise S --dtype auto|float32|bfloat16|float16]
+
+SRC is a local dense model directory (config.json + safetensors, one file or sharded with
+model.safetensors.index.json): Llama and Mistral become Mixtral, Qwen3 becomes Qwen3-MoE, Qwen2
+becomes Qwen2-MoE (its shared expert zero-sized). Every expert starts as an exact copy of the dense
+MLP and a new router sits in front (zeros by default: all experts score equal). The top-k weights
+are renormalised to sum to 1, so with exact copies the MoE computes the dense MLP whatever the
+router picks: the upcycled model's logits equal the dense model's. ``--noise S`` adds
+``S * std(W) * N(0, 1)`` to each copy of each weight ``W`` (seeded), which breaks that exactness:
+on the tests' tiny fp32 Llama, S=1e-3 moves the logits by about 4e-5 of their largest value, S=1e-2
+by about 4e-4 (the difference grows linearly with S).
+
+DIR must not exist; it is written into a hidden sibling and renamed into place when complete. It
+holds config.json, one safetensors shard per decoder layer (plus one for the rest) with
+model.safetensors.index.json, and SRC's generation config and tokenizer files. It loads with
+``AutoModelForCausalLM.from_pretrained(DIR)`` and trains under ``model.kind: hf`` with
+``hf_init: pretrained``. The source is read lazily and the output written one layer at a time,
+so peak memory is about one upcycled layer, not the model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import re
+import shutil
+import sys
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from moge_ds.checkpoint import CheckpointError, check_new_dir, staged_dir
+
+INDEX_FILE = "model.safetensors.index.json"
+SINGLE_FILE = "model.safetensors"
+# Copied from SRC when present: what a user needs beside the weights to generate text.
+SIDE_FILES = ("generation_config.json", "tokenizer*", "special_tokens_map.json", "added_tokens.json", "vocab.*",
+              "merges.txt", "chat_template.*")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_LAYER = re.compile(r"^model\.layers\.(\d+)\.")
+_DENSE_MLP = re.compile(r"^(model\.layers\.\d+)\.mlp\.(gate_proj|up_proj|down_proj)\.weight$")
+
+
+class UpcycleError(ValueError):
+    """A request that cannot be upcycled; the message names the value and the fix."""
+
+
+@dataclass(frozen=True)
+class Target:
+    """Where a dense MLP goes in one MoE format: ``<layer>.<block>.experts.<e>.<name>.weight`` for
+    each of the dense ``gate_proj``/``up_proj``/``down_proj``, the router at ``<layer>.<block>.gate``."""
+
+    model_type: str
+    block: str
+    expert_names: dict[str, str]
+    zero_shared_expert: bool = False  # Qwen2-MoE always builds one: written zero-sized, it adds exactly 0
+
+
+_MIXTRAL = Target("mixtral", "block_sparse_moe", {"gate_proj": "w1", "up_proj": "w3", "down_proj": "w2"})
+_SAME_NAMES = {"gate_proj": "gate_proj", "up_proj": "up_proj", "down_proj": "down_proj"}
+# Dense model_type -> its MoE format. The names are those transformers 5.15.1's save_pretrained writes
+# (per-expert tensors, as on the hub); from_pretrained fuses them into gate_up_proj / down_proj itself.
+TARGETS = {
+    "llama": _MIXTRAL,
+    "mistral": _MIXTRAL,
+    "qwen3": Target("qwen3_moe", "mlp", _SAME_NAMES),
+    "qwen2": Target("qwen2_moe", "mlp", _SAME_NAMES, zero_shared_expert=True),
+}
+# Config keys of the dense models that their MoE formats do not have (or must not inherit).
+_DENSE_ONLY = ("model_type", "architectures", "transformers_version", "_name_or_path", "mlp_bias", "pretraining_tp",
+               "layer_types", "max_window_layers", "use_sliding_window")
+_MOE_KEYS = ("num_experts", "num_local_experts", "n_routed_experts", "moe_intermediate_size", "num_experts_per_tok")
+
+
+@dataclass(frozen=True)
+class Options:
+    num_experts: int
+    top_k: int
+    router_init: str = "zeros"
+    router_std: Optional[float] = None  # None: the source config's initializer_range
+    seed: int = 0
+    noise: float = 0.0
+    dtype: str = "auto"
+
+
+def check_options(opts: Options, out: Path) -> None:
+    """Refuse bad numbers and an existing ``out`` before anything is read."""
+    if opts.num_experts < 1:
+        raise UpcycleError(f"--num-experts {opts.num_experts}: give at least 1")
+    if not 1 <= opts.top_k <= opts.num_experts:
+        raise UpcycleError(f"--top-k {opts.top_k}: give a value in [1, {opts.num_experts}] (--num-experts)")
+    if not (math.isfinite(opts.noise) and opts.noise >= 0):  # NaN would write NaN weights
+        raise UpcycleError(f"--noise {opts.noise}: give a finite value >= 0 (0: exact expert copies)")
+    if opts.router_std is not None and not (math.isfinite(opts.router_std) and opts.router_std >= 0):
+        raise UpcycleError(f"--router-std {opts.router_std}: give a finite value >= 0")
+    try:
+        check_new_dir(out, "upcycling")
+    except CheckpointError as err:
+        raise UpcycleError(f"--out: {err}") from None
+
+
+def source_target(src: Path) -> Target:
+    """The MoE format for SRC's config.json; refused unless it is a supported dense model (read as
+    plain JSON: an unknown or MoE model_type is refused before transformers is imported)."""
+    try:
+        raw = json.loads((src / "config.json").read_text())
+    except FileNotFoundError:
+        raise UpcycleError(f"{src} has no config.json: give a Hugging Face model directory") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise UpcycleError(f"{src / 'config.json'} is not valid JSON: {err}") from None
+    model_type = raw.get("model_type")
+    moe_keys = [key for key in _MOE_KEYS if raw.get(key)]
+    if moe_keys or model_type in {t.model_type for t in TARGETS.values()}:
+        raise UpcycleError(f"{src} is already a mixture of experts (model_type {model_type!r}, {moe_keys}): "
+                           f"upcycling takes a dense model")
+    if model_type not in TARGETS:
+        raise UpcycleError(f"model_type {model_type!r} of {src} is not supported: supported dense sources are "
+                           + ", ".join(f"{k} -> {t.model_type}" for k, t in TARGETS.items()))
+    return TARGETS[model_type]
+
+
+def dense_config(src: Path):
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(src, local_files_only=True)
+    except (ValueError, KeyError, TypeError, OSError) as err:
+        raise UpcycleError(f"transformers cannot read {src / 'config.json'}: {err}") from None
+
+
+def check_dense_features(config, target: Target) -> None:
+    """Refuse what the MoE format cannot represent exactly (the upcycled model would compute something else)."""
+    if getattr(config, "attention_bias", False) and target.model_type == "mixtral":
+        raise UpcycleError(f"{config.model_type} with attention_bias=True: Mixtral's attention has no biases")
+    if getattr(config, "mlp_bias", False):
+        raise UpcycleError(f"{config.model_type} with mlp_bias=True: the MoE experts have no biases")
+    sliding = "sliding_attention" in (getattr(config, "layer_types", None) or [])
+    if sliding and target.model_type == "qwen3_moe":
+        # Qwen3 slides only in layer_types' sliding layers; Qwen3-MoE slides in every layer or none.
+        raise UpcycleError("qwen3 with sliding-window layers (use_sliding_window=true): Qwen3-MoE cannot "
+                           "represent per-layer sliding windows; upcycle a model without them")
+
+
+def target_config(config, target: Target, opts: Options):
+    """The MoE config: the dense one's shapes, E experts of the dense intermediate size, top-k
+    weights renormalised to sum to 1, no shared expert, the target's default aux-loss coefficient."""
+    from transformers import AutoConfig
+
+    values = {k: v for k, v in config.to_dict().items() if k not in _DENSE_ONLY}
+    values.update(num_experts=opts.num_experts, num_experts_per_tok=opts.top_k, output_router_logits=False)
+    if opts.dtype != "auto":
+        values["dtype"] = opts.dtype
+    if target.model_type == "mixtral":  # Mixtral always renormalises its top-k
+        values.pop("attention_bias", None)  # False (check_dense_features): Mixtral has no such setting
+        values["router_jitter_noise"] = 0.0
+    else:
+        values.update(moe_intermediate_size=config.intermediate_size, norm_topk_prob=True, decoder_sparse_step=1,
+                      mlp_only_layers=[])
+    if target.model_type == "qwen3_moe":
+        values["sliding_window"] = None  # no source layer slides (check_dense_features)
+    if target.zero_shared_expert:
+        values.update(shared_expert_intermediate_size=0, qkv_bias=True, layer_types=config.layer_types,
+                      use_sliding_window=config.use_sliding_window, max_window_layers=config.max_window_layers)
+    moe = AutoConfig.for_model(target.model_type, **values)
+    moe.architectures = [type(moe).__name__.replace("Config", "ForCausalLM")]
+    return moe
+
+
+def tensor_files(src: Path) -> dict[str, str]:
+    """Every stored tensor's name -> the safetensors file (relative to ``src``) that holds it."""
+    from safetensors import SafetensorError, safe_open
+
+    if (src / INDEX_FILE).is_file():
+        try:
+            return dict(json.loads((src / INDEX_FILE).read_text())["weight_map"])
+        except (json.JSONDecodeError, KeyError, TypeError) as err:
+            raise UpcycleError(f"{src / INDEX_FILE} is not a safetensors index: {err!r}") from None
+    if not (src / SINGLE_FILE).is_file():
+        raise UpcycleError(f"{src} holds no weights: neither {SINGLE_FILE} nor {INDEX_FILE} (pytorch_model.bin is "
+                           f"not read: save the model with safe_serialization=True first)")
+    try:
+        with safe_open(src / SINGLE_FILE, framework="pt") as f:
+            return {name: SINGLE_FILE for name in f.keys()}
+    except (SafetensorError, OSError) as err:
+        raise UpcycleError(f"cannot read {src / SINGLE_FILE}: {err}") from None
+
+
+def expected_names(config) -> tuple[set[str], set[str]]:
+    """The dense model's parameter names (all it may load) and those it needs (a tied lm_head is not)."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):  # shapes only: no memory, whatever the model's size
+        names = set(AutoModelForCausalLM.from_config(config).state_dict())
+    needed = names - ({"lm_head.weight"} if config.tie_word_embeddings else set())
+    return names, needed
+
+
+def check_complete(src: Path, files: dict[str, str], needed: set[str]) -> None:
+    missing = sorted(needed - set(files))
+    if missing:
+        raise UpcycleError(f"{src} lacks {len(missing)} tensor(s) of its dense model, e.g. {missing[:3]}: "
+                           f"give the complete model")
+    absent = sorted({f for f in files.values() if not (src / f).is_file()})
+    if absent:
+        raise UpcycleError(f"{src} lacks the weight file(s) {absent} named in {INDEX_FILE}")
+
+
+def layer_groups(names: list[str]) -> list[list[str]]:
+    """The tensors outside the decoder layers, then each layer's, in layer order: one shard each."""
+    groups: dict[int, list[str]] = defaultdict(list)
+    for name in names:
+        match = _LAYER.match(name)
+        groups[int(match.group(1)) if match else -1].append(name)
+    return [sorted(groups[key]) for key in sorted(groups)]
+
+
+def read_tensors(src: Path, files: dict[str, str], names: list[str]) -> dict[str, torch.Tensor]:
+    """``names`` from the lazily opened safetensors: only these tensors are read into memory."""
+    from safetensors import SafetensorError, safe_open
+
+    by_file: dict[str, list[str]] = defaultdict(list)
+    for name in names:
+        by_file[files[name]].append(name)
+    tensors = {}
+    for file, file_names in by_file.items():
+        try:
+            with safe_open(src / file, framework="pt") as f:
+                tensors.update((name, f.get_tensor(name)) for name in file_names)
+        except (SafetensorError, OSError) as err:
+            raise UpcycleError(f"cannot read {file_names[:3]} from {src / file}: {err}") from None
+    return tensors
+
+
+class Upcycler:
+    """Turns one group of dense tensors into MoE tensors; holds the random stream (router init and
+    noise), so the result depends only on the options, never on how the model is sharded."""
+
+    def __init__(self, target: Target, opts: Options, hidden_size: int, initializer_range: float):
+        self.target, self.opts, self.hidden_size = target, opts, hidden_size
+        self.router_std = initializer_range if opts.router_std is None else opts.router_std
+        self.generator = torch.Generator().manual_seed(opts.seed)
+
+    def convert(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        # Cast before copying: the E copies are made once, in the output dtype.
+        tensors = {name: self.cast(t) for name, t in tensors.items()}
+        out, layers = {}, []
+        for name, tensor in tensors.items():
+            match = _DENSE_MLP.match(name)
+            if match is None:
+                out[name] = tensor
+                continue
+            layer, proj = match.groups()
+            for e, copy in enumerate(self.expert_copies(tensor)):
+                out[f"{layer}.{self.target.block}.experts.{e}.{self.target.expert_names[proj]}.weight"] = copy
+            layers.append(layer)
+        for layer in sorted(set(layers)):
+            out.update(self.new_tensors(f"{layer}.{self.target.block}", tensors[f"{layer}.mlp.gate_proj.weight"]))
+        return out
+
+    def expert_copies(self, weight: torch.Tensor) -> list[torch.Tensor]:
+        if self.opts.noise == 0:
+            return [weight.clone() for _ in range(self.opts.num_experts)]
+        scale = self.opts.noise * weight.float().std()
+        return [(weight.float() + scale * torch.randn(weight.shape, generator=self.generator)).to(weight.dtype)
+                for _ in range(self.opts.num_experts)]
+
+    def new_tensors(self, block: str, like: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The router (and Qwen2-MoE's shared expert, zero-sized: it outputs exactly 0)."""
+        h = self.hidden_size
+        router = torch.zeros(self.opts.num_experts, h)
+        if self.opts.router_init == "normal":
+            router = torch.randn(router.shape, generator=self.generator) * self.router_std
+        new = {f"{block}.gate.weight": router.to(like.dtype)}
+        if self.target.zero_shared_expert:
+            empty = {"gate_proj": (0, h), "up_proj": (0, h), "down_proj": (h, 0)}
+            new.update({f"{block}.shared_expert.{k}.weight": like.new_zeros(s) for k, s in empty.items()})
+            new[f"{block}.shared_expert_gate.weight"] = like.new_zeros(1, h)
+        return new
+
+    def cast(self, tensor: torch.Tensor) -> torch.Tensor:
+        if self.opts.dtype == "auto" or not tensor.is_floating_point():
+            return tensor.contiguous()
+        return tensor.to(DTYPES[self.opts.dtype]).contiguous()
+
+
+def write_shards(src: Path, files: dict[str, str], names: list[str], upcycler: Upcycler, dest: Path) -> None:
+    """Read, convert and write one group (layer) at a time, then the index."""
+    from safetensors.torch import save_file
+
+    groups = layer_groups(names)
+    weight_map, total = {}, 0
+    for i, group in enumerate(groups):
+        shard = f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors"
+        tensors = upcycler.convert(read_tensors(src, files, group))
+        save_file(tensors, str(dest / shard), metadata={"format": "pt"})
+        weight_map.update((name, shard) for name in tensors)
+        total += sum(t.numel() * t.element_size() for t in tensors.values())
+        del tensors  # before the next layer is read: peak memory is one upcycled layer
+    index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+    (dest / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
+
+
+def copy_side_files(src: Path, dest: Path) -> list[str]:
+    copied = []
+    for pattern in SIDE_FILES:
+        for path in sorted(src.glob(pattern)):
+            if path.is_file() and not (dest / path.name).exists():
+                shutil.copy2(path, dest / path.name)
+                copied.append(path.name)
+    return copied
+
+
+def upcycle(src: Path, out: Path, opts: Options) -> Path:
+    """Write the MoE model of the dense model in ``src`` to the new directory ``out``."""
+    check_options(opts, out)
+    target = source_target(src)
+    config = dense_config(src)
+    check_dense_features(config, target)
+    moe_config = target_config(config, target, opts)
+    files = tensor_files(src)
+    names, needed = expected_names(config)
+    check_complete(src, files, needed)
+    upcycler = Upcycler(target, opts, config.hidden_size, config.initializer_range)
+    with staged_dir(out) as staging:
+        write_shards(src, files, sorted(names & set(files)), upcycler, staging)
+        moe_config.save_pretrained(staging)
+        copy_side_files(src, staging)
+    return out
+
+
+def parse_args(argv: Optional[list[str]]) -> tuple[argparse.ArgumentParser, argparse.Namespace]:
+    parser = argparse.ArgumentParser(prog="python -m moge_ds.upcycle", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("src", type=Path, help="a dense Hugging Face model directory (Llama, Mistral, Qwen2, Qwen3)")
+    parser.add_argument("--out", type=Path, required=True, help="the new MoE model directory (must not exist)")
+    parser.add_argument("--num-experts", type=int, required=True)
+    parser.add_argument("--top-k", type=int, required=True)
+    parser.add_argument("--router-init", choices=("zeros", "normal"), default="zeros")
+    parser.add_argument("--router-std", type=float, default=None, help="default: the config's initializer_range")
+    parser.add_argument("--seed", type=int, default=0, help="for --router-init normal and --noise")
+    parser.add_argument("--noise", type=float, default=0.0, help="relative to each weight's std; 0: exact copies")
+    parser.add_argument("--dtype", choices=("auto", *DTYPES), default="auto", help="auto: as stored in SRC")
+    return parser, parser.parse_args(argv)
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    parser, args = parse_args(argv)
+    opts = Options(args.num_experts, args.top_k, args.router_init, args.router_std, args.seed, args.noise, args.dtype)
+    try:
+        out = upcycle(args.src, args.out, opts)
+    except (UpcycleError, CheckpointError) as err:
+        parser.exit(2, f"error: {err}\n")
+    print(f"wrote {out}: {opts.num_experts} experts, top-{opts.top_k}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,227 @@
+"""Every Hugging Face MoE family with a DeepSpeed AutoEP preset, from its tiny config under configs/hf/:
+router logits by hooks against the model's own, the loss at gs_weight 0 against the model's own, the
+sigmoid routers' map values against a float64 reference, and (2 real CPU ranks, AutoEP) the engine's
+first loss against plain HF's on the same weights and a falling loss with MoGE on.
+
+Run as ``python -m tests.test_hf_families --families ...`` by the deepspeed launcher, this module is
+also the rank side of the 2-rank test."""
+
+import argparse
+import copy
+import functools
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from moge_ds.config import ConfigError, MoEConfig, load_config, load_ds_config, validate
+from moge_ds.hf.families import family, read_config
+from moge_ds.hf.loss import causal_lm_loss, map_values, router_group_sparsity
+from moge_ds.hf.routers import RouterLogits
+from tests.launching import REPO, launch_deepspeed
+from tests.reference import reference_loss
+
+FAMILIES = {"mixtral": "mixtral_tiny", "qwen2_moe": "qwen2_moe_tiny", "qwen3_moe": "qwen3_moe_tiny",
+            "qwen3_5_moe": "qwen3_5_moe_tiny", "deepseek_v2": "deepseek_v2_tiny",
+            "deepseek_v3": "deepseek_v3_tiny", "minimax_m3": "minimax_m3_tiny"}
+SIGMOID = ("deepseek_v3", "minimax_m3")
+STEPS = 3
+
+
+def config_dir(name: str) -> str:
+    return str(REPO / "configs" / "hf" / FAMILIES[name])
+
+
+@functools.cache
+def build(name: str) -> torch.nn.Module:
+    """The family's tiny model (built once; the tests here only run forwards)."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(read_config(config_dir(name)), dtype=torch.float32)
+
+
+def lm_batch(vocab: int, seed: int = 1, batch: int = 2, length: int = 16) -> dict[str, torch.Tensor]:
+    """Our LM sample layout (labels shifted by one), the last 3 positions masked."""
+    sequence = torch.randint(0, vocab, (batch, length + 1), generator=torch.Generator().manual_seed(seed))
+    mask = torch.ones(batch, length)
+    mask[:, -3:] = 0
+    return {"tokens": sequence[:, :-1], "labels": sequence[:, 1:], "loss_mask": mask}
+
+
+def own_forward(model, batch):
+    """The model's own forward with HF's labels (it shifts them itself) and, where it has them, its
+    router logits and load-balancing loss."""
+    labels = batch["labels"].masked_fill(batch["loss_mask"] == 0, -100)
+    hf_labels = torch.cat([batch["tokens"][:, :1], labels[:, :-1]], dim=1)
+    returns_logits = {"output_router_logits": True} if hasattr(model.config, "output_router_logits") else {}
+    return model(input_ids=batch["tokens"], labels=hf_labels, **returns_logits)
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_hooked_logits_are_the_routers_own(name):
+    """Hooked logits equal the model's returned router logits where it returns them, and in every family
+    the router's weight applied to its input in float64 (DeepSeek returns none)."""
+    model = build(name)
+    batch = lm_batch(model.config.vocab_size)
+    routers = RouterLogits(model, family(model.config))
+    inputs = []  # each router's input [T, H], by pre-hooks (independent of RouterLogits' hooks)
+    handles = [router.register_forward_pre_hook(lambda module, args: inputs.append(args[0]))
+               for router in routers.routers]
+    with routers:
+        out = own_forward(model, batch)
+    for handle in handles:
+        handle.remove()
+    expected_layers = sum(1 for layer in model.model.layers if hasattr(layer.mlp, "gate"))
+    assert len(routers.logits) == len(inputs) == expected_layers >= 3
+    for logits, x, router in zip(routers.logits, inputs, routers.routers):
+        reference = x.reshape(-1, x.shape[-1]).double() @ router.weight.double().T
+        assert (logits.double() - reference).abs().max() < 1e-6
+    if getattr(out, "router_logits", None) is not None:
+        assert all(torch.equal(a, b) for a, b in zip(routers.logits, out.router_logits))
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_weight_zero_is_the_models_own_loss(name):
+    """At gs_weight 0 the training loss is the model's own, bit for bit (cross-entropy plus its
+    load-balancing loss, where it has one); at gs_weight 3 the model's own plus the float64 term."""
+    model = build(name)
+    batch = lm_batch(model.config.vocab_size)
+    own = own_forward(model, batch).loss
+    moe = MoEConfig(gs_weight=0.0, padding="circular")
+    hf_loss, l_aux = causal_lm_loss(model, batch, moe, sigma=1.0)
+    assert torch.equal(hf_loss + moe.aux_loss_weight * l_aux, own)
+    moe.gs_weight = 3.0
+    with RouterLogits(model, family(model.config)) as routers:
+        own_forward(model, batch)
+    hf_loss, l_aux = causal_lm_loss(model, batch, moe, sigma=1.0)
+    expected = sum(reference_loss(reference_map_values(logits, name), (4, 4), 3, 1.0, 1, "circular", "mean")
+                   for logits in routers.logits)
+    assert torch.equal(hf_loss, own)
+    assert l_aux.item() == pytest.approx(3.0 * expected, rel=1e-6)
+
+
+def reference_map_values(logits: torch.Tensor, name: str) -> torch.Tensor:
+    """Float64: softmax, or sigmoid scores over the sum of all routed experts' sigmoid scores."""
+    logits = logits.detach().double()
+    if name not in SIGMOID:
+        return torch.softmax(logits, dim=-1)
+    scores = 1 / (1 + torch.exp(-logits))
+    return scores / scores.sum(dim=-1, keepdim=True)
+
+
+def test_sigmoid_map_values_against_float64():
+    """Sigmoid routers' map values: their scores normalised over the routed experts; a shift of all
+    logits changes them (unlike a softmax), and they sum to 1 per token."""
+    logits = torch.randn(64, 16, generator=torch.Generator().manual_seed(0)) * 3
+    values = map_values(logits, "sigmoid")
+    expected = reference_map_values(logits, "deepseek_v3")
+    assert (values.double() - expected).abs().max() < 1e-7
+    assert torch.allclose(values.sum(-1), torch.ones(64))
+    assert not torch.allclose(map_values(logits + 1, "sigmoid"), values, atol=1e-3)
+    moe = MoEConfig(padding="circular")
+    term = router_group_sparsity([logits], moe, sigma=1.5, score_func="sigmoid")
+    assert term.item() == pytest.approx(reference_loss(expected, (4, 4), 3, 1.5, 1, "circular", "mean"), rel=1e-6)
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_shipped_config_validates_and_fills_the_expert_layout(name):
+    config = load_config(str(REPO / "configs/mixtral_tiny.yaml"), (f"model.hf_path={config_dir(name)}", ))
+    validate(config, load_ds_config(str(REPO / "ds_configs/autoep_zero3_cpu.json")), 2)
+    assert (config.moe.num_experts, config.moe.top_k, config.moe.ep_size) == (16, 2, 2)
+    assert family(read_config(config_dir(name))).score_func == ("sigmoid" if name in SIGMOID else "softmax")
+
+
+def test_full_vision_language_configs_are_refused_with_the_text_backbone_named(tmp_path):
+    from transformers import Qwen3_5MoeConfig
+
+    Qwen3_5MoeConfig().save_pretrained(tmp_path)
+    config = load_config(str(REPO / "configs/mixtral_tiny.yaml"), (f"model.hf_path={tmp_path}", ))
+    with pytest.raises(ConfigError, match="model type 'qwen3_5_moe' has no DeepSpeed AutoEP preset.* "
+                                          "model_type='qwen3_5_moe_text'"):
+        validate(config, load_ds_config(str(REPO / "ds_configs/autoep_zero3_cpu.json")), 2)
+
+
+# --- 2 ranks ---------------------------------------------------------------------------------------------
+
+# ZeRO stage per family: both stages covered, ZeRO-3 on the sigmoid routers' correction bias.
+STAGES = {"mixtral": 3, "qwen2_moe": 2, "qwen3_moe": 2, "qwen3_5_moe": 2, "deepseek_v2": 2, "deepseek_v3": 3,
+          "minimax_m3": 3}
+
+
+@pytest.fixture(scope="module")
+def autoep_results(tmp_path_factory):
+    """One 2-rank launch (autoep_size 2) for all families: ``{family: [rank 0's, rank 1's results]}``."""
+    out = tmp_path_factory.mktemp("autoep")
+    launch_deepspeed(["--module", "tests.test_hf_families", "--families", *FAMILIES, "--out", str(out)], cwd=REPO,
+                     timeout=600)
+    ranks = [json.loads((out / f"rank{rank}.json").read_text()) for rank in (0, 1)]
+    return {name: [results[name] for results in ranks] for name in FAMILIES}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", FAMILIES)
+def test_autoep_engine_matches_plain_hf_and_trains(autoep_results, name):
+    """The engine's first loss (the model's own plus MoGE's term) equals plain HF's on the same weights
+    and batch on each rank, and 3 steps with MoGE on make the loss fall."""
+    for result in autoep_results[name]:
+        assert result["engine"][0] == pytest.approx(result["plain"][0], rel=1e-6, abs=0), result
+        assert result["engine"][1] == pytest.approx(result["plain"][1], rel=1e-5), result
+        assert result["engine"][1] > 0
+        losses = result["losses"]
+        assert losses[-1] < losses[0] - 0.05, f"the loss did not fall: {losses}"
+
+
+def rank_main() -> None:
+    """The rank side: writes ``<out>/rank<R>.json`` with, per family, plain HF's and the engine's first
+    ``(hf_loss, l_aux)`` and the losses of 3 MoGE steps."""
+    from moge_ds.distributed import init_job, shutdown
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--local_rank", type=int, default=0)
+    parser.add_argument("--families", nargs="+", required=True)
+    parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args()
+    init_job()
+    results = {name: train_family(name) for name in args.families}
+    (args.out / f"rank{torch.distributed.get_rank()}.json").write_text(json.dumps(results))
+    shutdown()
+
+
+def train_family(name: str) -> dict:
+    """Plain HF's and the AutoEP engine's first ``(hf_loss, l_aux)`` on this rank's batch, and the
+    losses of 3 steps on it."""
+    import deepspeed
+    import torch.distributed as dist
+
+    from moge_ds.models import build_model
+
+    config = load_config(str(REPO / "configs/mixtral_tiny.yaml"),
+                         (f"model.hf_path={config_dir(name)}", "model.hf_init=random", "moe.gs_weight=4.0",
+                          "moe.padding=circular"))
+    ds = load_ds_config(str(REPO / f"ds_configs/autoep_zero{STAGES[name]}_cpu.json"))
+    ds.pop("csv_monitor")
+    ds.pop("scheduler")
+    ds["train_micro_batch_size_per_gpu"] = 2
+    ds = validate(config, ds, dist.get_world_size())
+    model = build_model(config)
+    plain = copy.deepcopy(model)
+    batch = lm_batch(model.config.vocab_size, seed=dist.get_rank())
+    plain_loss = [t.item() for t in causal_lm_loss(plain, batch, config.moe, sigma=1.0)]
+    engine, *_ = deepspeed.initialize(model=model, model_parameters=list(model.parameters()), config=ds)
+    losses = []
+    for step in range(STEPS + 1):
+        hf_loss, l_aux = causal_lm_loss(engine, batch, config.moe, sigma=1.0)
+        if step == 0:
+            first = [hf_loss.item(), l_aux.item()]
+        loss = hf_loss + config.moe.aux_loss_weight * l_aux
+        losses.append(loss.item())
+        if step < STEPS:
+            engine.backward(loss)
+            engine.step()
+    return {"plain": plain_loss, "engine": first, "losses": losses}
+
+
+if __name__ == "__main__":
+    rank_main()
