@@ -108,7 +108,7 @@ class RunDirClaim:
     out: Path
     lock: IO | None  # rank 0's locked file; None on the other ranks
     earlier: list[str]  # records of an earlier run that --overwrite replaces
-    created: bool  # the claim made ``out`` (a refused start removes it again)
+    created: tuple[bool, bool]  # the claim made (``out``, its lock file): a refused start removes them
 
     @property
     def aside(self) -> Path:
@@ -139,16 +139,18 @@ class RunDirClaim:
                 os.rename(path, self.out / path.name)
             self.aside.rmdir()
         self.lock.close()
-        if self.created:  # only the lock file in it, unless another process wrote there since
+        made_dir, made_lock = self.created
+        if made_lock:
             (self.out / LOCK_FILE).unlink(missing_ok=True)
+        if made_dir:  # empty now, unless another process wrote there since
             with contextlib.suppress(OSError):
                 self.out.rmdir()
 
 
-def _lock(out: Path) -> tuple[IO | None, bool, str]:
-    """Rank 0 locks ``out``'s lock file: the open file and whether ``out`` was made, or None and
-    the last recorded holder."""
-    created = not out.exists()
+def _lock(out: Path) -> tuple[IO | None, tuple[bool, bool], str]:
+    """Rank 0 locks ``out``'s lock file: the open file and whether it made ``out`` and the lock file,
+    or None and the last recorded holder."""
+    created = (not out.exists(), not (out / LOCK_FILE).exists())
     out.mkdir(parents=True, exist_ok=True)
     handle = open(out / LOCK_FILE, "a+")
     try:
@@ -157,7 +159,7 @@ def _lock(out: Path) -> tuple[IO | None, bool, str]:
         handle.seek(0)
         holder = handle.read().strip() or "unknown"
         handle.close()
-        return None, False, holder
+        return None, (False, False), holder
     return handle, created, ""
 
 
@@ -165,7 +167,7 @@ def claim_run_dir(out: Path, resume: bool, overwrite: bool) -> RunDirClaim:
     """Lock the run directory and refuse to start afresh over an earlier run unless asked to; every
     rank gets rank 0's verdict (ranks on other nodes may not see the directory), so none goes on
     alone into a collective. Nothing is removed or written here: see :meth:`RunDirClaim.take`."""
-    lock, created, holder = _lock(out) if dist.get_rank() == 0 else (None, False, "")
+    lock, created, holder = _lock(out) if dist.get_rank() == 0 else (None, (False, False), "")
     earlier = [name for name in RUN_RECORDS if (out / name).exists()]
     busy = dist.get_rank() == 0 and lock is None
     verdict = torch.tensor([2.0 if busy else float(bool(earlier) and not resume and not overwrite)],
