@@ -14,7 +14,8 @@ import yaml
 from moge_ds import experiments
 from moge_ds.analysis.__main__ import main as analysis_main
 from moge_ds.analysis.invariance import (InvarianceError, View, expert_class_information, expert_output_diversity,
-                                         logits_from_scores, measure, token_correlation, top1_agreement, views)
+                                         logits_from_scores, measure, token_correlation, top1_agreement,
+                                         unrelated_image_stats, views)
 from moge_ds.config import Config, apply_overrides
 from moge_ds.experiments.__main__ import main as experiments_main
 from moge_ds.experiments.invariance import holm, plateau_distance, valid_curve
@@ -169,7 +170,7 @@ def hand_measures(rotated_accuracy: float, rotation_correlation: float) -> dict:
             "rotated_accuracy": rotated_accuracy, "rotation_routing_correlation": rotation_correlation,
             "rotation_top1_agreement": 0.6, "shifted_accuracy": 0.7, "shift_routing_correlation": 0.8,
             "shift_top1_agreement": 0.6, "expert_output_diversity": 0.9, "expert_class_mi_bits": 0.1,
-            "views": per_view}
+            "unrelated_routing_correlation": 0.3, "unrelated_top1_agreement": 0.2, "views": per_view}
 
 
 def write_hand_run(run_dir, measures: dict) -> None:
@@ -232,3 +233,18 @@ def test_sweep_invariance_report_end_to_end(workspace, tmp_path, monkeypatch):
     with pytest.raises(SystemExit) as exit_info:
         experiments_main(["invariance", str(path), "--arm", "moe"])
     assert exit_info.value.code == 2
+
+
+def test_the_unrelated_image_control_exposes_an_input_independent_router():
+    """A router that gives every token the same tilted logits correlates perfectly with *another*
+    image too (no invariance in it); one whose logits follow the image correlates about 0 there."""
+    tokens_per_image, images, experts = 17, 50, 8
+    tilt = torch.linspace(-1, 1, experts, dtype=torch.float64)
+    static = tilt.expand(tokens_per_image * images, experts).clone()
+    stats = unrelated_image_stats([static], tokens_per_image)
+    assert stats["unrelated_routing_correlation"] == pytest.approx(1.0)
+    assert stats["unrelated_top1_agreement"] == 1.0
+    following = torch.randn(images, 1, experts, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    following = following.expand(images, tokens_per_image, experts).reshape(-1, experts)
+    stats = unrelated_image_stats([following], tokens_per_image)
+    assert abs(stats["unrelated_routing_correlation"]) < 0.2 and stats["unrelated_top1_agreement"] < 0.4

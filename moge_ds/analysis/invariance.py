@@ -163,6 +163,19 @@ def expert_layer_stats(model: torch.nn.Module, routing: list[LayerRouting], toke
     return stats
 
 
+def unrelated_image_stats(clean_logits: list[torch.Tensor], tokens_per_image: int) -> dict[str, float]:
+    """The same routing measures between each image and the *next* test image, token position by token
+    position (clean logits ``[N * tokens_per_image, E]`` per layer, image-major): the level a router
+    reaches without any invariance. A router whose logits are mostly a fixed, input-independent tilt
+    scores a high correlation here too; invariance is the margin above this. (Added after the
+    pre-registered runs: the registered correlation does not separate the two.)"""
+    other = [logits.roll(tokens_per_image, dims=0) for logits in clean_logits]
+    return {"unrelated_routing_correlation": _mean([token_correlation(c, o).mean().item()
+                                                    for c, o in zip(clean_logits, other)]),
+            "unrelated_top1_agreement": _mean([top1_agreement(c, o).double().mean().item()
+                                               for c, o in zip(clean_logits, other)])}
+
+
 def measure(model: torch.nn.Module, config: Config, images: torch.Tensor, labels: torch.Tensor,
             seed: int = 0) -> dict:
     """Every measure for uint8 test ``images`` ``[N, C, H, W]`` and ``labels`` ``[N]`` (see the module docstring)."""
@@ -175,6 +188,7 @@ def measure(model: torch.nn.Module, config: Config, images: torch.Tensor, labels
     layers = expert_layer_stats(model, clean, labels.repeat_interleave(tokens_per_sample(config.model)), seed)
     return {"images": len(labels), "moe_layers": len(clean), "num_experts": config.moe.num_experts,
             "clean_accuracy": accuracy(predictions, labels), **summarise(per_view),
+            **unrelated_image_stats(clean_logits, tokens_per_sample(config.model)),
             "expert_output_diversity": _mean([s["expert_output_diversity"] for s in layers]),
             "expert_class_mi_bits": _mean([s["expert_class_mi_bits"] for s in layers]),
             "layers": layers, "views": per_view}

@@ -36,6 +36,8 @@ METRICS = {"rotated_accuracy": "rotated accuracy (mean of ±10°, ±20°)",
            "shifted_accuracy": "shifted accuracy (mean of ±1-3 px in x and y)",
            "shift_routing_correlation": "shift routing correlation",
            "shift_top1_agreement": "shift top-1 agreement",
+           "unrelated_routing_correlation": "routing correlation with another image (control, post hoc)",
+           "unrelated_top1_agreement": "top-1 agreement with another image (control, post hoc)",
            "clean_accuracy": "clean accuracy",
            "expert_output_diversity": "expert output diversity (cosine distance)",
            "expert_class_mi_bits": "MI(top-1 expert; class), bits"}
@@ -43,12 +45,13 @@ METRICS = {"rotated_accuracy": "rotated accuracy (mean of ±10°, ±20°)",
 
 def run_invariance(run_dir: Path, images: int | None) -> dict:
     """The measures of one finished run's final checkpoint (its step and source recorded), cached in
-    ``run_dir/invariance.json`` (recomputed when the cache was made for another image count)."""
+    ``run_dir/invariance.json`` (recomputed when the cache was made for another image count, or
+    before a measure existed)."""
     cached = run_dir / "invariance.json"
     if cached.is_file():
         result = json.loads(cached.read_text())
         # Only this function's files carry images_requested (the analysis CLI writes the same name).
-        if "images_requested" in result and result["images_requested"] == images:
+        if "images_requested" in result and result["images_requested"] == images and set(METRICS) <= set(result):
             return result
     from moge_ds.export import export
 
