@@ -188,8 +188,14 @@ def data_tool_cases(workspace, tmp) -> list[Case]:
         ("decode a word", [*decode, "abc"], "decode takes token ids, integers in 0..299 .*got 'abc'"),
         ("decode an unknown id", [*decode, "99999"], "decode takes token ids, integers in 0..299 .*got '99999'"),
     ]]
+    existing = tmp / "existing_tokenizer"
+    existing.mkdir()
+    shutil.copyfile(workspace / "tok.model", existing / "tok.model")
+    retrain = [*train[:-1], str(existing / "tok")]
     return cases + [Case("preprocess --workers 0", [*prep, "--workers", "0"], r"--workers must be >= 1 .*got 0",
-                         tmp / "prep_never")]
+                         tmp / "prep_never"),
+                    Case("tokenizer over an existing model", retrain,
+                         r"tok.model exists .* --overwrite to replace it", existing)]
 
 
 def other_tokenizer(workspace, tmp) -> Path:
@@ -352,7 +358,7 @@ CASE_NAMES = [
     "export into a Hugging Face model", "universal conversion of a gpt run", "config YAML with a tab",
     "config YAML with a bad indent", "NaN learning rate", "collective timeout 0", "analysis of a missing export",
     "invariance of a language model", "a missing sweep file", "a sweep with an unknown key",
-    "a dense Hugging Face model", "preprocess over an existing dataset"]
+    "a dense Hugging Face model", "preprocess over an existing dataset", "tokenizer over an existing model"]
 
 
 def test_every_case_is_checked(outcomes):

@@ -232,6 +232,7 @@ def main(argv: list[str] | None = None) -> None:
     train.add_argument("--input-sentence-size", type=int, default=2_000_000,
                        help="sample at most this many lines (0: use all)")
     train.add_argument("--seed", type=int, default=1234)
+    train.add_argument("--overwrite", action="store_true", help="replace an existing PREFIX.model/.vocab")
     for name in ("encode", "decode"):
         p = sub.add_parser(name)
         p.add_argument("--model", required=True, help="a sentencepiece .model file, or a Hugging Face tokenizer "
@@ -240,6 +241,9 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     try:
         if args.command == "train":
+            if Path(args.model_prefix + ".model").exists() and not args.overwrite:
+                parser.exit(2, f"error: {args.model_prefix}.model exists (data may have been tokenized with it): give "
+                               f"another --model-prefix, or --overwrite to replace it\n")
             tok = train_tokenizer(source_from_args(args), args.model_prefix, args.vocab_size, args.model_type,
                                   args.character_coverage, args.byte_fallback, tuple(args.user_defined_symbols),
                                   args.input_sentence_size, args.seed)
