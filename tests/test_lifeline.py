@@ -10,7 +10,7 @@ import time
 import psutil
 import pytest
 
-from moge_ds.lifeline import die_with_launcher, is_launcher, launcher_chain
+from moge_ds.lifeline import is_launcher, launcher_chain
 from tests.launching import BIN, REPO, free_port, tiny_train_args
 from tests.test_reliability import processes_mentioning, wait_for_training
 
@@ -48,9 +48,16 @@ def test_the_chain_stops_at_the_outermost_launcher(tmp_path):
         os.killpg(shell.pid, signal.SIGKILL)
 
 
-def test_no_launcher_means_no_watching():
-    """Run under pytest alone, nothing above this process starts ranks: no thread, no exit."""
-    assert die_with_launcher("test") == []
+def test_no_launcher_means_no_watching(tmp_path):
+    """An orphaned process (its launcher-free ancestry: init or a subreaper) watches nothing, so a
+    rank started by hand never ends itself."""
+    pid_file = tmp_path / "pid"
+    subprocess.run(["bash", "-c", f"sleep 60 & echo $! > {pid_file}"], check=True)
+    orphan = psutil.Process(int(pid_file.read_text()))
+    try:
+        assert launcher_chain(orphan) == []
+    finally:
+        orphan.kill()
 
 
 def start_job(launcher: str, workspace, out) -> subprocess.Popen:
