@@ -22,6 +22,7 @@ from safetensors.torch import load_model, save_model
 
 from moge_ds.checkpoint import CheckpointError, check_new_dir, checkpoint_dir, read_state, staged_dir
 from moge_ds.config import Config, ConfigError, config_from_dict
+from moge_ds.hf.families import HFModelError
 from moge_ds.models import build_model
 from moge_ds.universal import ds_to_universal
 
@@ -187,7 +188,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     try:
         out = export(args.checkpoint, args.out)
-    except CheckpointError as err:
+    except (CheckpointError, ConfigError, HFModelError) as err:  # e.g. an hf run whose model directory is gone
         parser.exit(2, f"error: {err}\n")
     print(f"wrote {out / MODEL_FILE} and {out / 'config.json'}")
 

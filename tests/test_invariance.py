@@ -154,7 +154,9 @@ def test_measure_and_cli_on_a_hand_made_export(workspace, tmp_path, process_grou
     gpt_dir = write_export(tmp_path / "gpt", gpt)
     for argv, message in (([str(gpt_dir), "--invariance"], "is a 'gpt' export"),
                           ([str(export_dir), "--invariance", "--images", "0"], "got 0"),
-                          ([str(tmp_path / "nothing"), "--invariance"], "is not an export")):
+                          ([str(tmp_path / "nothing"), "--invariance"], "is not an export"),
+                          ([str(export_dir), "--invariance", "--out", str(tmp_path / "out")],
+                           "already holds a measurement")):
         with pytest.raises(SystemExit) as exit_info:
             analysis_main(argv)
         assert exit_info.value.code == 2 and message in capsys.readouterr().err, argv

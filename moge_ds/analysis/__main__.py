@@ -29,6 +29,9 @@ def invariance_main(argv: list[str]) -> None:
     parser.add_argument("--seed", type=int, default=0, help="token sample for diversity; capacity-drop draws")
     args = parser.parse_args(argv)
     out = args.out or args.export
+    if (out / "invariance.json").exists():  # an earlier measurement: never replaced without a word
+        parser.exit(2, f"error: {out / 'invariance.json'} already holds a measurement: give another --out or "
+                       f"remove it (nothing is overwritten)\n")
     try:
         with single_process_group():
             result = invariance_of_export(args.export, args.images, args.seed)
