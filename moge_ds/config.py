@@ -76,6 +76,10 @@ class ModelConfig:
     # nothing is downloaded. "random": the config's architecture with fresh weights, for pre-training.
     hf_path: Optional[str] = None
     hf_init: Literal["pretrained", "random"] = "pretrained"
+    # gpt/vit: start from the weights of this export (``moge_ds.export``, or a dense GPT upcycled by
+    # ``moge_ds.upcycle``) instead of fresh ones; the optimizer starts fresh. Read at a fresh start
+    # only: ``--resume`` takes every weight from the checkpoint.
+    init_from: Optional[str] = None
     # ViT
     image_size: int = 28
     channels: int = 1
@@ -394,7 +398,7 @@ def check_ranges(config: Config) -> None:
         raise ConfigError(f"model.dropout must be in [0, 1), got {config.model.dropout}")
 
 
-def _check_model(config: Config) -> None:
+def check_model(config: Config) -> None:
     moe, model, train = config.moe, config.model, config.train
     if not 1 <= moe.top_k <= moe.num_experts:
         raise ConfigError(f"moe.top_k must be in [1, {moe.num_experts}], got {moe.top_k}")
@@ -413,6 +417,19 @@ def _check_model(config: Config) -> None:
     except ValueError as err:
         raise ConfigError(f"moe: {err}") from None
     moe_layer_indices(moe.placement, model.depth)
+    _check_init_from(model, train.resume)
+
+
+def _check_init_from(model: ModelConfig, resume: bool) -> None:
+    if model.init_from is None:
+        return
+    if model.kind == "hf":
+        raise ConfigError(f"model.init_from {model.init_from!r} is for our gpt/vit models: a Hugging Face model "
+                          f"starts from model.hf_path with model.hf_init=pretrained")
+    needed = [name for name in ("model.safetensors", "config.json") if not (Path(model.init_from) / name).is_file()]
+    if needed and not resume:
+        raise ConfigError(f"model.init_from {model.init_from!r} is not an export (it lacks {needed}): give a "
+                          f"directory written by moge_ds.export or moge_ds.upcycle")
 
 
 def tokens_per_sample(model: ModelConfig) -> int:
@@ -450,7 +467,7 @@ def validate(config: Config, ds: dict, world_size: int, bf16_supported: bool = T
     check_ranges(config)
     ds = fill_auto(config, ds, world_size)
     _check_hf(config, ds, world_size)
-    _check_model(config)
+    check_model(config)
     _check_batch_and_precision(ds, world_size, bf16_supported, fp16_supported)
     _check_parallel(config, ds, world_size)
     _check_with_deepspeed(ds)

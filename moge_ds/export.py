@@ -30,6 +30,7 @@ MODEL_FILE = "model.safetensors"
 HF_RUN_CONFIG = "moge_ds_config.json"  # our config beside a Hugging Face export's own config.json
 
 _EXPERT_FILE = re.compile(r"^layer_(\d+)_expert_(\d+)_mp_rank_00_model_states\.pt$")
+_LOCAL_EXPERT = re.compile(r"\.deepspeed_experts\.(\d+)\.")  # an expert weight's name, local index in it
 
 
 def consolidated_state_dict(tag_dir: Path) -> dict[str, torch.Tensor]:
@@ -67,8 +68,9 @@ def load_weights(model: torch.nn.Module, weights: dict[str, torch.Tensor], sourc
 
 
 def _standalone(config: Config) -> Config:
-    """The same model on one process: all experts local."""
-    return dataclasses.replace(config, moe=dataclasses.replace(config.moe, ep_size=1))
+    """The same model on one process: all experts local, its own weights (not those it started from)."""
+    return dataclasses.replace(config, moe=dataclasses.replace(config.moe, ep_size=1),
+                               model=dataclasses.replace(config.model, init_from=None))
 
 
 def universal_weights(tag_dir: Path, work: Path) -> dict[str, torch.Tensor]:
@@ -143,11 +145,16 @@ def _write_native(tag_dir: Path, config: Config, state: dict, staging: Path, out
         config.model.vocab_size = config.model.vocab_size or weights["embed.weight"].shape[0]
     model = build_model(config, config.model.vocab_size)
     load_weights(model, weights, str(tag_dir))
+    write_native(model, config, staging, out, {"step": state["step"], "source": str(tag_dir)})
+
+
+def write_native(model: torch.nn.Module, config: Config, staging: Path, out: Path, record: dict) -> None:
+    """An export of our model into ``staging`` (renamed to ``out`` by the caller): weights, tokenizer,
+    and config.json holding our config and ``record`` (the step and source it came from)."""
     save_model(model, str(staging / MODEL_FILE))
     if config.model.kind == "gpt":
         _copy_tokenizer(config, staging, out)
-    (staging / "config.json").write_text(json.dumps({"config": config.to_dict(), "step": state["step"],
-                                                     "source": str(tag_dir)}, indent=1))
+    (staging / "config.json").write_text(json.dumps({"config": config.to_dict(), **record}, indent=1))
 
 
 def _copy_tokenizer(config: Config, staging: Path, out: Path) -> None:
@@ -164,13 +171,7 @@ def load_export(path: Path) -> tuple[torch.nn.Module, Config]:
         config = config_from_dict(json.loads((path / HF_RUN_CONFIG).read_text())["config"])
         config.model.hf_path = str(path)
         return build_model(config).eval(), config
-    if not (path / MODEL_FILE).is_file() or not (path / "config.json").is_file():
-        raise CheckpointError(f"{path} is not an export: it needs {MODEL_FILE} and config.json "
-                              f"(make one with `python -m moge_ds.export`)")
-    try:
-        config = config_from_dict(json.loads((path / "config.json").read_text())["config"])
-    except (json.JSONDecodeError, KeyError, ConfigError) as err:
-        raise CheckpointError(f"{path / 'config.json'} is not a moge-ds export config: {err}") from None
+    config = export_config(path)
     model = build_model(config, config.model.vocab_size)
     try:
         load_model(model, str(path / MODEL_FILE))
@@ -178,6 +179,61 @@ def load_export(path: Path) -> tuple[torch.nn.Module, Config]:
         raise CheckpointError(f"{path / MODEL_FILE} does not load into the model of {path / 'config.json'}: "
                               f"{err}") from None
     return model.eval(), config
+
+
+def export_config(path: Path) -> Config:
+    """The config of our model's export in ``path`` (refused unless it is one)."""
+    if not (path / MODEL_FILE).is_file() or not (path / "config.json").is_file():
+        raise CheckpointError(f"{path} is not an export: it needs {MODEL_FILE} and config.json "
+                              f"(make one with `python -m moge_ds.export`)")
+    try:
+        return config_from_dict(json.loads((path / "config.json").read_text())["config"])
+    except (json.JSONDecodeError, KeyError, TypeError, ConfigError) as err:
+        raise CheckpointError(f"{path / 'config.json'} is not a moge-ds export config: {err}") from None
+
+
+def init_from_export(model: torch.nn.Module, path: Path, ep_rank: int, ep_size: int) -> None:
+    """Load an export's weights into a freshly built ``model`` (``model.init_from``). The export holds
+    every expert under its global index; a rank of an expert-parallel group takes its own slice
+    (local expert ``i`` of ``ep_rank`` is global ``ep_rank * E_local + i``)."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    export_config(path)  # a clear error if it is not an export
+    try:
+        stored = load_file(str(path / MODEL_FILE))
+    except (SafetensorError, OSError) as err:
+        raise CheckpointError(f"cannot read {path / MODEL_FILE}: {err}") from None
+    names, twins = _one_name_per_tensor(model.state_dict(), stored)
+    local_experts = len({m.group(1) for m in map(_LOCAL_EXPERT.search, names) if m})
+
+    def global_name(name: str, rank: int) -> str:
+        return _LOCAL_EXPERT.sub(lambda m: f".deepspeed_experts.{rank * local_experts + int(m.group(1))}.", name)
+
+    every_rank = {global_name(name, rank) for name in names for rank in range(ep_size)}
+    missing = sorted(every_rank - set(stored))
+    unexpected = sorted(set(stored) - every_rank)
+    if missing or unexpected:
+        raise CheckpointError(f"the export {path} (model.init_from) does not match this model: {len(missing)} "
+                              f"weights missing (e.g. {missing[:3]}), {len(unexpected)} unexpected (e.g. "
+                              f"{unexpected[:3]}); compare its config.json with the run's model and moe settings")
+    weights = {name: stored[global_name(name, ep_rank)] for name in names}
+    weights.update((tied, weights[twin]) for tied, twin in twins.items())
+    load_weights(model, weights, f"{path} (model.init_from)")
+
+
+def _one_name_per_tensor(state: dict[str, torch.Tensor], stored: dict) -> tuple[list[str], dict[str, str]]:
+    """The state's names with one name per shared tensor (a tied head is stored once, under either
+    name), preferring the stored name; and each dropped name -> the name it shares a tensor with."""
+    kept: dict[int, str] = {}
+    twins: dict[str, str] = {}
+    for name, tensor in state.items():
+        first = kept.setdefault(tensor.data_ptr(), name)
+        if first != name:
+            keep, drop = (name, first) if name in stored and first not in stored else (first, name)
+            kept[tensor.data_ptr()] = keep
+            twins[drop] = keep
+    return list(kept.values()), twins
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -36,6 +36,7 @@ from moge_ds import checkpoint, lifeline, provenance
 from moge_ds.config import Config, ConfigError, check_ranges, load_config, load_ds_config, validate
 from moge_ds.data.documents import DataError
 from moge_ds.distributed import collective_device, init_job, set_timeout_of_every_group
+from moge_ds.export import init_from_export
 from moge_ds.models import build_model
 from moge_ds.monitor import RunLog, gate_terms, gather_expert_load, plot_loss_curve, read_history
 from moge_ds.tasks import build_task
@@ -211,7 +212,7 @@ class Trainer:
         if resume_tag is not None and checkpoint.is_universal(self.ckpt_root / resume_tag):
             self.ds_config = {**ds_config, "checkpoint": {**ds_config.get("checkpoint", {}), "load_universal": True}}
         claim.take()
-        self.engine = self._build_engine()
+        self.engine = self._build_engine(init_from=resume_tag is None)
         claim.commit()
         if resume_tag is not None:
             self.resume(resume_tag)
@@ -222,9 +223,17 @@ class Trainer:
             provenance.record(self.out)
         self.run_log = RunLog(self.out, config.train.steps, self.start_step, self.task.unit, self.engine)
 
-    def _build_engine(self):
+    def _build_engine(self, init_from: bool):
+        """The DeepSpeed engine of the configured model; its weights from ``model.init_from`` if
+        ``init_from`` (a fresh start) and one is given."""
         config = self.config
-        model = build_model(config, getattr(self.task, "vocab_size", None), ep_rank=self.rank % config.moe.ep_size)
+        ep_rank = self.rank % config.moe.ep_size
+        model = build_model(config, getattr(self.task, "vocab_size", None), ep_rank=ep_rank)
+        if init_from and config.model.init_from:
+            try:
+                init_from_export(model, Path(config.model.init_from), ep_rank, config.moe.ep_size)
+            except checkpoint.CheckpointError as err:
+                raise InputError("model.init_from", err) from None
         parameters = sum(p.numel() for p in model.parameters())  # before ZeRO-3 partitions them
         trainable = [p for p in model.parameters() if p.requires_grad]
         # AutoEP creates its expert parameters and their optimizer groups itself, inside initialize.

@@ -73,3 +73,29 @@ def process_group():
     """A one-process torch.distributed group for the test (megatron-core's blending asks for a rank)."""
     with single_process_group():
         yield
+
+
+def write_dense_export(out, vocab_size, tokenizer="", **model):
+    """A dense model of ours (a GPT unless ``kind`` says; fresh weights, seed 0) written as an export
+    to ``out``; returns the model."""
+    from moge_ds.config import Config
+    from moge_ds.export import write_native
+    from moge_ds.models import build_model
+
+    config = Config()
+    config.model.vocab_size = vocab_size
+    for key, value in {"dim": 32, "depth": 2, "heads": 2, "seq_length": 32, **model}.items():
+        setattr(config.model, key, value)
+    config.moe.placement, config.moe.padding, config.data.tokenizer = "none", "circular", tokenizer
+    config.train.seed = 0
+    dense = build_model(config, vocab_size).eval()
+    out.mkdir()
+    write_native(dense, config, out, out, {"step": 0, "source": "tests"})
+    return dense
+
+
+@pytest.fixture(scope="session")
+def dense_gpt(tmp_path_factory):
+    """A dense GPT export of ours (3 blocks, vocabulary 64) and its model."""
+    path = tmp_path_factory.mktemp("gpt") / "dense"
+    return path, write_dense_export(path, 64, depth=3)

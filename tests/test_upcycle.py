@@ -218,3 +218,99 @@ def test_first_training_loss_under_autoep_zero3_is_the_dense_models(workspace, t
     expected = dense_loss + moe_config["router_aux_loss_coef"] * moe_config["num_experts_per_tok"]
     print(f"first loss {history[0]['task_loss']!r}, dense HF loss {dense_loss!r} + balance term: {expected!r}")
     assert history[0]["task_loss"] == pytest.approx(expected, rel=1e-5)
+
+
+# Our GPT (moge_ds.upcycle of a moge_ds.export): the same guarantees through DeepSpeed's MoE layer.
+GPT_TOKENS = torch.randint(0, 64, (2, 32), generator=torch.Generator().manual_seed(2))
+
+
+@pytest.mark.parametrize("placement, router_init", [(None, "zeros"), ("every_other", "normal")])
+def test_gpt_logits_equal_the_dense_gpt(dense_gpt, tmp_path, placement, router_init):
+    from moge_ds.export import load_export
+
+    src, dense_model = dense_gpt
+    out = upcycle(src, tmp_path / "moe", Options(8, 2, router_init=router_init, seed=1, placement=placement))
+    moe, config = load_export(out)
+    expected_blocks = [1] if placement == "every_other" else [0, 1, 2]
+    assert [i for i, b in enumerate(moe.blocks) if hasattr(b.ffn, "moe")] == expected_blocks
+    assert config.moe.num_experts == 8 and not config.moe.drop_tokens
+    with torch.no_grad():
+        want, got = dense_model(GPT_TOKENS)[0], moe(GPT_TOKENS)[0]
+    print(f"max relative logit difference ({placement}, {router_init}): {rel_diff(want, got):.2e}")
+    assert rel_diff(want, got) <= 1e-5
+    dense_ffn, experts = dense_model.blocks[1].ffn, moe.blocks[1].ffn.moe.deepspeed_moe.experts.deepspeed_experts
+    assert all(torch.equal(e.fc2.bias, dense_ffn.fc2.bias) and torch.equal(e.fc1.weight, dense_ffn.fc1.weight)
+               for e in experts)
+    router = moe.blocks[1].ffn.moe.deepspeed_moe.gate.wg.weight
+    assert (router.abs().sum() > 0) == (router_init == "normal")
+
+
+def test_gpt_noise_and_expert_parallel_slices(dense_gpt, tmp_path):
+    """With --noise the experts differ (by a small measured amount); model.init_from gives each
+    expert-parallel rank its own global experts."""
+    from moge_ds.export import init_from_export, load_export
+    from moge_ds.models import build_model
+
+    src, dense_model = dense_gpt
+    out = upcycle(src, tmp_path / "moe", Options(4, 2, noise=1e-2, seed=5))
+    moe, config = load_export(out)
+    with torch.no_grad():
+        diff = rel_diff(dense_model(GPT_TOKENS)[0], moe(GPT_TOKENS)[0])
+    print(f"max relative logit difference at --noise 1e-2: {diff:.2e}")
+    assert 0 < diff < 0.05
+    full = moe.blocks[0].ffn.moe.deepspeed_moe.experts.deepspeed_experts
+    config.moe.ep_size = 2
+    for ep_rank in (0, 1):
+        part = build_model(config, 64, ep_rank=ep_rank)
+        init_from_export(part, out, ep_rank, 2)
+        local = part.blocks[0].ffn.moe.deepspeed_moe.experts.deepspeed_experts
+        assert len(local) == 2 and all(torch.equal(local[i].fc1.weight, full[2 * ep_rank + i].fc1.weight)
+                                       for i in range(2))
+
+
+GPT_REFUSALS = {  # case -> (options, what the error says)
+    "top_1": (dict(top_k=1), "--top-k 1: DeepSpeed's top-1 gate scales the expert output"),
+    "bf16": (dict(dtype="bfloat16"), "--dtype bfloat16: our exports are float32"),
+    "vit": (dict(), "the export holds a 'vit' model: our upcycling takes a GPT"),
+    "already_moe": (dict(), "the export already has MoE blocks"),
+}
+
+
+@pytest.mark.parametrize("case", list(GPT_REFUSALS))
+def test_gpt_refusals(dense_gpt, tmp_path, case):
+    from moge_ds.upcycle import UpcycleError
+    from tests.conftest import write_dense_export
+
+    src = dense_gpt[0]
+    if case == "already_moe":
+        src = upcycle(src, tmp_path / "moe", Options(4, 2))
+    elif case == "vit":
+        src = tmp_path / "vit"
+        write_dense_export(src, 64, kind="vit", patch_size=7)
+    options, message = GPT_REFUSALS[case]
+    with pytest.raises(UpcycleError, match=re.escape(message)):
+        upcycle(src, tmp_path / "out", Options(**{"num_experts": 4, "top_k": 2, **options}))
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow
+def test_gpt_first_training_loss_from_upcycled_export_is_the_dense_models(workspace, tmp_path):
+    """A 2-rank MoGE run (expert-parallel size 2) started with model.init_from from an upcycled
+    dense GPT: its first loss is the dense model's loss on rank 0's batch."""
+    from moge_ds.config import config_from_dict
+    from moge_ds.tasks import build_task
+    from tests.conftest import write_dense_export
+
+    dense_model = write_dense_export(tmp_path / "dense", 300, tokenizer=str(workspace / "tok.model"))
+    out = upcycle(tmp_path / "dense", tmp_path / "moe", Options(4, 2, router_init="normal", placement="every_other"))
+    run, history = train(workspace, "from_upcycled", "train.steps=1", "moe.drop_tokens=false", "moe.gs_weight=1.0",
+                         f"model.init_from={out}")
+    config = config_from_dict(json.loads((run / "config.json").read_text())["config"])
+    batch = build_task(config, 4, rank=0, world=2, total_micro_batches=1, device=torch.device("cpu")).train_batch(0)
+    with torch.no_grad():
+        logits = dense_model(batch["tokens"])[0]
+    nll = torch.nn.functional.cross_entropy(logits.flatten(0, 1), batch["labels"].flatten(), reduction="none")
+    mask = batch["loss_mask"].flatten().float()
+    dense_loss = ((nll * mask).sum() / mask.sum()).item()
+    print(f"first loss {history[0]['task_loss']!r}, dense GPT loss {dense_loss!r}")
+    assert history[0]["task_loss"] == pytest.approx(dense_loss, rel=1e-5)

@@ -1,20 +1,13 @@
 """Upcycle a dense Hugging Face causal LM into a mixture of experts, exact at step 0.
 
-    python -m moge_ds.upcycle SRC --out DIR --num-experts 8 --top-k 2 \\
-        [--router-init zeros|normal --router-std S --seed N --noise S --dtype auto|float32|bfloat16|float16]
+Llama and Mistral become Mixtral, Qwen3 becomes Qwen3-MoE, Qwen2 becomes Qwen2-MoE (its shared
+expert zero-sized). Every expert starts as an exact copy of the dense MLP and a new router sits in
+front (zeros by default: all experts score equal). The top-k weights are renormalised to sum to 1,
+so with exact copies the MoE computes the dense MLP whatever the router picks: the upcycled model's
+logits equal the dense model's. ``--noise S`` breaks that exactness: on the tests' tiny fp32 Llama,
+S=1e-3 moves the logits by about 4e-5 of their largest value, S=1e-2 by about 4e-4 (linear in S).
 
-SRC is a local dense model directory (config.json + safetensors, one file or sharded with
-model.safetensors.index.json): Llama and Mistral become Mixtral, Qwen3 becomes Qwen3-MoE, Qwen2
-becomes Qwen2-MoE (its shared expert zero-sized). Every expert starts as an exact copy of the dense
-MLP and a new router sits in front (zeros by default: all experts score equal). The top-k weights
-are renormalised to sum to 1, so with exact copies the MoE computes the dense MLP whatever the
-router picks: the upcycled model's logits equal the dense model's. ``--noise S`` adds
-``S * std(W) * N(0, 1)`` to each copy of each weight ``W`` (seeded), which breaks that exactness:
-on the tests' tiny fp32 Llama, S=1e-3 moves the logits by about 4e-5 of their largest value, S=1e-2
-by about 4e-4 (the difference grows linearly with S).
-
-DIR must not exist; it is written into a hidden sibling and renamed into place when complete. It
-holds config.json, one safetensors shard per decoder layer (plus one for the rest) with
+The output holds config.json, one safetensors shard per decoder layer (plus one for the rest) with
 model.safetensors.index.json, and SRC's generation config and tokenizer files. It loads with
 ``AutoModelForCausalLM.from_pretrained(DIR)`` and trains under ``model.kind: hf`` with
 ``hf_init: pretrained``. The source is read lazily and the output written one layer at a time,
@@ -23,33 +16,26 @@ so peak memory is about one upcycled layer, not the model.
 
 from __future__ import annotations
 
-import argparse
 import json
-import math
 import re
 import shutil
-import sys
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Callable
 
 import torch
 
-from moge_ds.checkpoint import CheckpointError, check_new_dir, staged_dir
+from moge_ds.checkpoint import staged_dir
+from moge_ds.upcycle.common import Options, Upcycler, UpcycleError
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
 # Copied from SRC when present: what a user needs beside the weights to generate text.
 SIDE_FILES = ("generation_config.json", "tokenizer*", "special_tokens_map.json", "added_tokens.json", "vocab.*",
               "merges.txt", "chat_template.*")
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _LAYER = re.compile(r"^model\.layers\.(\d+)\.")
 _DENSE_MLP = re.compile(r"^(model\.layers\.\d+)\.mlp\.(gate_proj|up_proj|down_proj)\.weight$")
-
-
-class UpcycleError(ValueError):
-    """A request that cannot be upcycled; the message names the value and the fix."""
 
 
 @dataclass(frozen=True)
@@ -77,33 +63,6 @@ TARGETS = {
 _DENSE_ONLY = ("model_type", "architectures", "transformers_version", "_name_or_path", "mlp_bias", "pretraining_tp",
                "layer_types", "max_window_layers", "use_sliding_window")
 _MOE_KEYS = ("num_experts", "num_local_experts", "n_routed_experts", "moe_intermediate_size", "num_experts_per_tok")
-
-
-@dataclass(frozen=True)
-class Options:
-    num_experts: int
-    top_k: int
-    router_init: str = "zeros"
-    router_std: Optional[float] = None  # None: the source config's initializer_range
-    seed: int = 0
-    noise: float = 0.0
-    dtype: str = "auto"
-
-
-def check_options(opts: Options, out: Path) -> None:
-    """Refuse bad numbers and an existing ``out`` before anything is read."""
-    if opts.num_experts < 1:
-        raise UpcycleError(f"--num-experts {opts.num_experts}: give at least 1")
-    if not 1 <= opts.top_k <= opts.num_experts:
-        raise UpcycleError(f"--top-k {opts.top_k}: give a value in [1, {opts.num_experts}] (--num-experts)")
-    if not (math.isfinite(opts.noise) and opts.noise >= 0):  # NaN would write NaN weights
-        raise UpcycleError(f"--noise {opts.noise}: give a finite value >= 0 (0: exact expert copies)")
-    if opts.router_std is not None and not (math.isfinite(opts.router_std) and opts.router_std >= 0):
-        raise UpcycleError(f"--router-std {opts.router_std}: give a finite value >= 0")
-    try:
-        check_new_dir(out, "upcycling")
-    except CheckpointError as err:
-        raise UpcycleError(f"--out: {err}") from None
 
 
 def source_target(src: Path) -> Target:
@@ -238,59 +197,35 @@ def read_tensors(src: Path, files: dict[str, str], names: list[str]) -> dict[str
     return tensors
 
 
-class Upcycler:
-    """Turns one group of dense tensors into MoE tensors; holds the random stream (router init and
-    noise), so the result depends only on the options, never on how the model is sharded."""
-
-    def __init__(self, target: Target, opts: Options, hidden_size: int, initializer_range: float):
-        self.target, self.opts, self.hidden_size = target, opts, hidden_size
-        self.router_std = initializer_range if opts.router_std is None else opts.router_std
-        self.generator = torch.Generator().manual_seed(opts.seed)
-
-    def convert(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        # Cast before copying: the E copies are made once, in the output dtype.
-        tensors = {name: self.cast(t) for name, t in tensors.items()}
-        out, layers = {}, []
-        for name, tensor in tensors.items():
-            match = _DENSE_MLP.match(name)
-            if match is None:
-                out[name] = tensor
-                continue
-            layer, proj = match.groups()
-            for e, copy in enumerate(self.expert_copies(tensor)):
-                out[f"{layer}.{self.target.block}.experts.{e}.{self.target.expert_names[proj]}.weight"] = copy
-            layers.append(layer)
-        for layer in sorted(set(layers)):
-            out.update(self.new_tensors(f"{layer}.{self.target.block}", tensors[f"{layer}.mlp.gate_proj.weight"]))
-        return out
-
-    def expert_copies(self, weight: torch.Tensor) -> list[torch.Tensor]:
-        if self.opts.noise == 0:
-            return [weight.clone() for _ in range(self.opts.num_experts)]
-        scale = self.opts.noise * weight.float().std()
-        return [(weight.float() + scale * torch.randn(weight.shape, generator=self.generator)).to(weight.dtype)
-                for _ in range(self.opts.num_experts)]
-
-    def new_tensors(self, block: str, like: torch.Tensor) -> dict[str, torch.Tensor]:
-        """The router (and Qwen2-MoE's shared expert, zero-sized: it outputs exactly 0)."""
-        h = self.hidden_size
-        router = torch.zeros(self.opts.num_experts, h)
-        if self.opts.router_init == "normal":
-            router = torch.randn(router.shape, generator=self.generator) * self.router_std
-        new = {f"{block}.gate.weight": router.to(like.dtype)}
-        if self.target.zero_shared_expert:
+def convert(tensors: dict[str, torch.Tensor], target: Target, upcycler: Upcycler,
+            hidden_size: int) -> dict[str, torch.Tensor]:
+    """One group of dense tensors as MoE tensors: each dense MLP weight as E expert copies, plus
+    the router (and Qwen2-MoE's shared expert, zero-sized: it outputs exactly 0)."""
+    # Cast before copying: the E copies are made once, in the output dtype.
+    tensors = {name: upcycler.cast(t) for name, t in tensors.items()}
+    out, layers = {}, set()
+    for name, tensor in tensors.items():
+        match = _DENSE_MLP.match(name)
+        if match is None:
+            out[name] = tensor
+            continue
+        layer, proj = match.groups()
+        for e, copy in enumerate(upcycler.expert_copies(tensor)):
+            out[f"{layer}.{target.block}.experts.{e}.{target.expert_names[proj]}.weight"] = copy
+        layers.add(layer)
+    for layer in sorted(layers):
+        block, like = f"{layer}.{target.block}", tensors[f"{layer}.mlp.gate_proj.weight"]
+        out[f"{block}.gate.weight"] = upcycler.router(hidden_size, like.dtype)
+        if target.zero_shared_expert:
+            h = hidden_size
             empty = {"gate_proj": (0, h), "up_proj": (0, h), "down_proj": (h, 0)}
-            new.update({f"{block}.shared_expert.{k}.weight": like.new_zeros(s) for k, s in empty.items()})
-            new[f"{block}.shared_expert_gate.weight"] = like.new_zeros(1, h)
-        return new
-
-    def cast(self, tensor: torch.Tensor) -> torch.Tensor:
-        if self.opts.dtype == "auto" or not tensor.is_floating_point():
-            return tensor.contiguous()
-        return tensor.to(DTYPES[self.opts.dtype]).contiguous()
+            out.update({f"{block}.shared_expert.{k}.weight": like.new_zeros(s) for k, s in empty.items()})
+            out[f"{block}.shared_expert_gate.weight"] = like.new_zeros(1, h)
+    return out
 
 
-def write_shards(src: Path, files: dict[str, str], names: list[str], upcycler: Upcycler, dest: Path) -> None:
+def write_shards(src: Path, files: dict[str, str], names: list[str],
+                 convert_group: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]], dest: Path) -> None:
     """Read, convert and write one group (layer) at a time, then the index."""
     from safetensors.torch import save_file
 
@@ -298,7 +233,7 @@ def write_shards(src: Path, files: dict[str, str], names: list[str], upcycler: U
     weight_map, total = {}, 0
     for i, group in enumerate(groups):
         shard = f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors"
-        tensors = upcycler.convert(read_tensors(src, files, group))
+        tensors = convert_group(read_tensors(src, files, group))
         save_file(tensors, str(dest / shard), metadata={"format": "pt"})
         weight_map.update((name, shard) for name in tensors)
         total += sum(t.numel() * t.element_size() for t in tensors.values())
@@ -317,9 +252,11 @@ def copy_side_files(src: Path, dest: Path) -> list[str]:
     return copied
 
 
-def upcycle(src: Path, out: Path, opts: Options) -> Path:
-    """Write the MoE model of the dense model in ``src`` to the new directory ``out``."""
-    check_options(opts, out)
+def upcycle_hf(src: Path, out: Path, opts: Options) -> Path:
+    """Write the MoE model of the dense Hugging Face model in ``src`` to the new directory ``out``."""
+    if opts.placement is not None:
+        raise UpcycleError(f"--placement {opts.placement}: a Hugging Face model is upcycled in every layer "
+                           f"(the option is for our GPT)")
     target = source_target(src)
     config = dense_config(src)
     check_dense_features(config, target)
@@ -327,38 +264,10 @@ def upcycle(src: Path, out: Path, opts: Options) -> Path:
     files = tensor_files(src)
     names, needed = expected_names(config)
     check_complete(src, files, needed)
-    upcycler = Upcycler(target, opts, config.hidden_size, config.initializer_range)
+    upcycler = Upcycler(opts, config.initializer_range)
     with staged_dir(out) as staging:
-        write_shards(src, files, sorted(names & set(files)), upcycler, staging)
+        write_shards(src, files, sorted(names & set(files)),
+                     lambda tensors: convert(tensors, target, upcycler, config.hidden_size), staging)
         moe_config.save_pretrained(staging)
         copy_side_files(src, staging)
     return out
-
-
-def parse_args(argv: Optional[list[str]]) -> tuple[argparse.ArgumentParser, argparse.Namespace]:
-    parser = argparse.ArgumentParser(prog="python -m moge_ds.upcycle", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("src", type=Path, help="a dense Hugging Face model directory (Llama, Mistral, Qwen2, Qwen3)")
-    parser.add_argument("--out", type=Path, required=True, help="the new MoE model directory (must not exist)")
-    parser.add_argument("--num-experts", type=int, required=True)
-    parser.add_argument("--top-k", type=int, required=True)
-    parser.add_argument("--router-init", choices=("zeros", "normal"), default="zeros")
-    parser.add_argument("--router-std", type=float, default=None, help="default: the config's initializer_range")
-    parser.add_argument("--seed", type=int, default=0, help="for --router-init normal and --noise")
-    parser.add_argument("--noise", type=float, default=0.0, help="relative to each weight's std; 0: exact copies")
-    parser.add_argument("--dtype", choices=("auto", *DTYPES), default="auto", help="auto: as stored in SRC")
-    return parser, parser.parse_args(argv)
-
-
-def main(argv: Optional[list[str]] = None) -> None:
-    parser, args = parse_args(argv)
-    opts = Options(args.num_experts, args.top_k, args.router_init, args.router_std, args.seed, args.noise, args.dtype)
-    try:
-        out = upcycle(args.src, args.out, opts)
-    except (UpcycleError, CheckpointError) as err:
-        parser.exit(2, f"error: {err}\n")
-    print(f"wrote {out}: {opts.num_experts} experts, top-{opts.top_k}", file=sys.stderr)
-
-
-if __name__ == "__main__":
-    main()

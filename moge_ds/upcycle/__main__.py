@@ -1,0 +1,3 @@
+from moge_ds.upcycle import main
+
+main()
