@@ -32,7 +32,8 @@ _MAX_DEPTH = 6
 
 def is_launcher(cmdline: list[str]) -> bool:
     """Whether a process with this ``cmdline`` starts ranks."""
-    programs = {os.path.basename(arg) for arg in cmdline[:2]}
+    # slurmstepd retitles itself "slurmstepd: [<job>.<step>]": the name is what precedes the colon.
+    programs = {os.path.basename(arg).split(":")[0] for arg in cmdline[:2]}
     modules = {cmdline[i + 1] for i, arg in enumerate(cmdline[:-1]) if arg == "-m"}
     return bool(programs & LAUNCHER_PROGRAMS or modules & LAUNCHER_MODULES)
 
@@ -74,9 +75,11 @@ def die_with_launcher(label: str, poll_s: float = 1.0) -> list[psutil.Process]:
             except psutil.NoSuchProcess:  # status() of one that exited between the two calls
                 gone = next(p for p in chain if not p.is_running())
             if gone is not None:
-                print(f"{label}: the launcher process {gone.pid} ({names[gone.pid]}) is gone: stopping this rank",
-                      file=sys.stderr, flush=True)
-                os._exit(1)  # the job is over; nothing is left to finish cleanly with
+                try:
+                    print(f"{label}: the launcher process {gone.pid} ({names[gone.pid]}) is gone: stopping this "
+                          f"rank", file=sys.stderr, flush=True)
+                finally:  # stderr may be a pipe that died with the launcher (BrokenPipeError)
+                    os._exit(1)  # the job is over; nothing is left to finish cleanly with
 
     threading.Thread(target=watch, name="die-with-launcher", daemon=True).start()
     return chain

@@ -22,6 +22,7 @@ from tests.test_reliability import processes_mentioning, wait_for_training
     (["/venv/bin/hydra_pmi_proxy", "--control-port", "x"], True),
     (["/bin/bash", "/repo/launch/train.sh", "--nproc", "2"], True),
     (["/usr/bin/python3", "-m", "torch.distributed.run", "x.py"], True),
+    (["slurmstepd: [12.0]"], True),
     (["/bin/bash", "-l"], False),
     (["/venv/bin/python", "-m", "pytest", "tests"], False),
     (["make", "train"], False),
@@ -67,6 +68,10 @@ def start_job(launcher: str, workspace, out) -> subprocess.Popen:
         cmd = [str(REPO / "launch" / "mpi.sh"), "--np", "2", "--master-port", port, *args]
     elif launcher == "train.sh":
         cmd = [str(REPO / "launch" / "train.sh"), "--nproc", "2", "--master-port", port, *args]
+    elif launcher == "torchrun":
+        cmd = [str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", port, "-m", "moge_ds.train",
+               *args[:4], *args[5:]]
+        cmd[cmd.index("--ds-config")] = "--deepspeed_config"
     else:  # the deepspeed runner itself, as the README's direct commands start it
         cmd = [str(BIN / "deepspeed"), "--num_gpus", "2", "--master_port", port, "--module", "moge_ds.train",
                *args[:4], *args[5:]]
@@ -92,7 +97,7 @@ def target_pid(launcher: str, job: subprocess.Popen, out) -> int:
 @pytest.mark.parametrize("launcher, sig", [
     ("runner", signal.SIGTERM), ("runner", signal.SIGKILL), ("launch.py", signal.SIGTERM),
     ("launch.py", signal.SIGKILL), ("train.sh", signal.SIGKILL), ("mpirun", signal.SIGTERM),
-    ("mpirun", signal.SIGKILL)])
+    ("mpirun", signal.SIGKILL), ("torchrun", signal.SIGTERM), ("torchrun", signal.SIGKILL)])
 def test_every_rank_ends_within_seconds_of_its_launchers_death(workspace, tmp_path, launcher, sig):
     out = tmp_path / "job"
     job = start_job(launcher, workspace, out)

@@ -12,6 +12,7 @@ import subprocess
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 
 from tests.launching import REPO, free_port, tiny_train_args
@@ -90,3 +91,44 @@ def test_sbatch_trains_across_two_slurm_nodes(slurm, workspace, tmp_path):
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["world_size"] == 2
     assert (out / "checkpoints" / "latest").read_text() == "step00000003"
+
+
+def test_every_rank_ends_when_its_job_step_is_killed(slurm, workspace, tmp_path):
+    """SIGKILL to the job step's slurmstepd on each node (a node daemon's death, after which Slurm
+    cannot signal the step's processes itself): every rank ends within seconds (moge_ds.lifeline)."""
+    from tests.test_reliability import processes_mentioning, wait_for_training
+
+    out = tmp_path / "killed_step"
+    env = {**slurm, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
+    job = subprocess.Popen(["sbatch", "--wait", "--nodes", "2", f"--output={tmp_path / 'job.out'}",
+                            str(REPO / "launch/slurm.sbatch"), *tiny_train_args(workspace, out, steps=100000)],
+                           cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        wait_for_training(out, job)
+        ranks = [p for p in processes_mentioning(str(out))
+                 if any(arg.startswith("--local_rank=") for arg in psutil_cmdline(p))]
+        steps = {parent.pid for rank in ranks for parent in psutil.Process(rank).parents()
+                 if parent.name() == "slurmstepd"}
+        assert len(ranks) == 2 and len(steps) == 2, (ranks, steps)
+        for pid in steps:
+            os.kill(pid, signal.SIGKILL)
+        killed = time.monotonic()
+        while any(psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE for p in ranks):
+            assert time.monotonic() - killed < 15, "ranks outlived their killed job step by 15 s"
+            time.sleep(0.1)
+        print(f"\nslurmstepd SIGKILL: no rank left after {time.monotonic() - killed:.1f} s")
+    finally:
+        subprocess.run(["scancel", "--name", "slurm.sbatch"], env=env, capture_output=True)
+        for pid in processes_mentioning(str(out)):
+            os.kill(pid, signal.SIGKILL)
+        job.kill()
+        job.communicate()
+        for hostfile in (REPO / "runs").glob("hostfile.*"):
+            hostfile.unlink(missing_ok=True)
+
+
+def psutil_cmdline(pid: int) -> list[str]:
+    try:
+        return psutil.Process(pid).cmdline()
+    except psutil.NoSuchProcess:
+        return []
