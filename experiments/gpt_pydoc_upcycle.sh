@@ -6,7 +6,7 @@ set -euo pipefail
 root=results/gpt_pydoc_upcycle
 py=${PYTHON:-.venv/bin/python}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
-common=(model.dim=64 model.depth=4 model.heads=4 model.seq_length=64 moe.placement=none
+common=(model.dim=64 model.depth=4 model.heads=4 model.seq_length=64 moe.placement=none moe.ep_size=1
         train.eval_interval=250 train.eval_batches=10 train.log_interval=50 "train.final_eval=[valid,test]")
 if [[ ! -f $root/pretrain/metrics.json ]]; then
   launch/train.sh --nproc 1 --config configs/gpt_tiny.yaml --ds-config experiments/ds_sweep.json -- \
