@@ -142,7 +142,7 @@ def bad_input_cases(workspace, tmp, earlier, exported) -> list[Case]:
     ]
     return cases + tool_cases(workspace, tmp) + checkpoint_tool_cases(earlier, tmp) + \
         model_tool_cases(exported) + data_tool_cases(workspace, tmp) + config_file_cases(workspace, tmp) + \
-        analysis_and_sweep_cases(workspace, tmp, exported)
+        analysis_and_sweep_cases(workspace, tmp, exported) + init_from_cases(workspace, tmp, earlier, exported)
 
 
 # A split suggested to a corpus too small for the one given: not the "80,10,10" every case was given.
@@ -294,6 +294,19 @@ def analysis_and_sweep_cases(workspace, tmp, exported) -> list[Case]:
     ]
 
 
+def init_from_cases(workspace, tmp, earlier, exported) -> list[Case]:
+    """A run started from an export (model.init_from): refused before anything is written, and a
+    mismatch found only once the model is built leaves an --overwrite'd earlier run whole."""
+    fresh = tmp / "never_init"
+    return [
+        Case("init_from not an export", train_cmd(workspace, fresh, f"model.init_from={tmp}"),
+             r"model.init_from '.*' is not an export \(it lacks \['model.safetensors', 'config.json'\]\)", fresh),
+        Case("init_from another model's export", train_cmd(workspace, earlier, "model.dim=64",
+                                                           f"model.init_from={exported}", flags=["--overwrite"]),
+             r"model.init_from error: .* does not match this model: .*shape mismatches \['embed.weight", earlier),
+    ]
+
+
 def config_file_cases(workspace, tmp) -> list[Case]:
     """Config files a hand could break: YAML with a tab or a bad indent, a NaN learning rate, a
     collective timeout of 0 (each refused before torch.distributed starts)."""
@@ -358,7 +371,8 @@ CASE_NAMES = [
     "export into a Hugging Face model", "universal conversion of a gpt run", "config YAML with a tab",
     "config YAML with a bad indent", "NaN learning rate", "collective timeout 0", "analysis of a missing export",
     "invariance of a language model", "a missing sweep file", "a sweep with an unknown key",
-    "a dense Hugging Face model", "preprocess over an existing dataset", "tokenizer over an existing model"]
+    "a dense Hugging Face model", "preprocess over an existing dataset", "tokenizer over an existing model",
+    "init_from not an export", "init_from another model's export"]
 
 
 def test_every_case_is_checked(outcomes):

@@ -1,7 +1,7 @@
 """Upcycle a dense Hugging Face causal LM into a mixture of experts, exact at step 0.
 
 Llama and Mistral become Mixtral, Qwen3 becomes Qwen3-MoE, Qwen2 becomes Qwen2-MoE (its shared
-expert zero-sized). Every expert starts as an exact copy of the dense MLP and a new router sits in
+expert all zeros: it adds exactly 0). Every expert starts as an exact copy of the dense MLP and a new router sits in
 front (zeros by default: all experts score equal). The top-k weights are renormalised to sum to 1,
 so with exact copies the MoE computes the dense MLP whatever the router picks: the upcycled model's
 logits equal the dense model's. ``--noise S`` breaks that exactness: on the tests' tiny fp32 Llama,
@@ -46,7 +46,10 @@ class Target:
     model_type: str
     block: str
     expert_names: dict[str, str]
-    zero_shared_expert: bool = False  # Qwen2-MoE always builds one: written zero-sized, it adds exactly 0
+    # Qwen2-MoE always builds a shared expert. Ours has intermediate size 1 and all-zero weights: it
+    # adds exactly 0, and every gradient through it is 0, so it stays so. (Size 0 would be simpler,
+    # but ZeRO-3 never gathers a zero-element parameter: its forward fails.)
+    zero_shared_expert: bool = False
 
 
 _MIXTRAL = Target("mixtral", "block_sparse_moe", {"gate_proj": "w1", "up_proj": "w3", "down_proj": "w2"})
@@ -125,7 +128,7 @@ def target_config(config, target: Target, opts: Options):
     if target.model_type == "qwen3_moe":
         values["sliding_window"] = None  # no source layer slides (check_dense_features)
     if target.zero_shared_expert:
-        values.update(shared_expert_intermediate_size=0, qkv_bias=True, layer_types=config.layer_types,
+        values.update(shared_expert_intermediate_size=1, qkv_bias=True, layer_types=config.layer_types,
                       use_sliding_window=config.use_sliding_window, max_window_layers=config.max_window_layers)
     moe = AutoConfig.for_model(target.model_type, **values)
     moe.architectures = [type(moe).__name__.replace("Config", "ForCausalLM")]
@@ -200,7 +203,7 @@ def read_tensors(src: Path, files: dict[str, str], names: list[str]) -> dict[str
 def convert(tensors: dict[str, torch.Tensor], target: Target, upcycler: Upcycler,
             hidden_size: int) -> dict[str, torch.Tensor]:
     """One group of dense tensors as MoE tensors: each dense MLP weight as E expert copies, plus
-    the router (and Qwen2-MoE's shared expert, zero-sized: it outputs exactly 0)."""
+    the router (and Qwen2-MoE's all-zero shared expert, see ``Target``)."""
     # Cast before copying: the E copies are made once, in the output dtype.
     tensors = {name: upcycler.cast(t) for name, t in tensors.items()}
     out, layers = {}, set()
@@ -218,7 +221,7 @@ def convert(tensors: dict[str, torch.Tensor], target: Target, upcycler: Upcycler
         out[f"{block}.gate.weight"] = upcycler.router(hidden_size, like.dtype)
         if target.zero_shared_expert:
             h = hidden_size
-            empty = {"gate_proj": (0, h), "up_proj": (0, h), "down_proj": (h, 0)}
+            empty = {"gate_proj": (1, h), "up_proj": (1, h), "down_proj": (h, 1)}
             out.update({f"{block}.shared_expert.{k}.weight": like.new_zeros(s) for k, s in empty.items()})
             out[f"{block}.shared_expert_gate.weight"] = like.new_zeros(1, h)
     return out
