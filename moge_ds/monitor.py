@@ -31,10 +31,18 @@ def gate_terms(model: torch.nn.Module) -> dict[str, float]:
              "sigma": gates[0].sigma}
     if gates[0].last_group_sparsity_loss is not None:
         terms["group_sparsity_loss"] = sum(g.last_group_sparsity_loss.item() for g in gates) / len(gates)
-    for i, gate in enumerate(gates):
-        if gate.last_scores is not None and gate.last_scores.shape[1] > 2:
-            neighbours = map_neighbours(gate.map_shape, gate.padding == "circular").to(gate.last_scores.device)
-            rate, chance = top2_neighbour_rate(gate.last_scores, neighbours)
+    scores = [gate.last_scores for gate in gates if gate.last_scores is not None]
+    return {**terms, **neighbour_terms(scores, gates[0].map_shape, gates[0].padding == "circular")}
+
+
+def neighbour_terms(scores: list[torch.Tensor], map_shape: tuple[int, int], circular: bool) -> dict[str, float]:
+    """Per layer, how often a token's two highest noise-free ``scores`` ``[T, E]`` are map neighbours
+    (``top2_neighbour_rate/layer{i}``), and that rate by chance (``top2_neighbour_chance``)."""
+    terms = {}
+    for i, layer_scores in enumerate(scores):
+        if layer_scores.shape[1] > 2:
+            neighbours = map_neighbours(map_shape, circular).to(layer_scores.device)
+            rate, chance = top2_neighbour_rate(layer_scores, neighbours)
             terms[f"top2_neighbour_rate/layer{i}"] = rate
             terms["top2_neighbour_chance"] = chance
     return terms
@@ -45,12 +53,20 @@ def gather_expert_load(model: torch.nn.Module) -> list[torch.Tensor]:
 
     Collective: every rank must call it.
     """
+    return reduce_expert_counts([m.exp_counts for m in model.modules() if isinstance(m, MOELayer)])
+
+
+def reduce_expert_counts(counts: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Per layer, this rank's token counts per expert ``[E]`` summed over ranks, as fractions.
+
+    Collective: every rank must call it, with as many layers.
+    """
     loads = []
-    for moe_layer in (m for m in model.modules() if isinstance(m, MOELayer)):
-        counts = moe_layer.exp_counts.detach().to(collective_device(), torch.float64, copy=True)
+    for layer_counts in counts:
+        total = layer_counts.detach().to(collective_device(), torch.float64, copy=True)
         if dist.is_initialized():
-            dist.all_reduce(counts)
-        loads.append((counts / counts.sum().clamp(min=1)).cpu())
+            dist.all_reduce(total)
+        loads.append((total / total.sum().clamp(min=1)).cpu())
     return loads
 
 

@@ -10,7 +10,6 @@ samples the uninterrupted run would have seen, even on a different number of ran
 from __future__ import annotations
 
 import math
-from typing import Protocol
 
 import torch
 import torch.distributed as dist
@@ -24,25 +23,38 @@ from moge_ds.data.tokenizer import load_tokenizer
 from moge_ds.distributed import collective_device
 from moge_ds.gate import set_sigma_step
 from moge_ds.hf.families import read_config as read_hf_config
-from moge_ds.hf.loss import causal_lm_loss
-from moge_ds.topographic import SigmaSchedule
+from moge_ds.hf.loss import RoutingRecord, causal_lm_loss
+from moge_ds.monitor import neighbour_terms, reduce_expert_counts
+from moge_ds.topographic import SigmaSchedule, default_map_shape
 
 
-class Task(Protocol):
+class Task:
+    """What the trainer needs of a task; the subclasses below are the tasks."""
+
     unit: str  # what throughput counts: "tokens" or "images"
 
     def train_batch(self, consumed: int) -> dict[str, torch.Tensor]:
         """This rank's share of the micro-batch that starts at global sample ``consumed``."""
-        ...
+        raise NotImplementedError
 
     def loss(self, model, batch: dict[str, torch.Tensor], step: int) -> tuple[torch.Tensor, torch.Tensor, int]:
         """``(task_loss, l_aux, items)`` for one micro-batch at training step ``step`` (MoGE's sigma
         schedule follows it); items = tokens or images in the micro-batch."""
-        ...
+        raise NotImplementedError
 
     def evaluate(self, model, split: str, batches: int | None) -> dict[str, float]:
         """Metrics on ``batches`` micro-batches per rank of ``split`` ("valid"/"test"); None: all of it."""
-        ...
+        raise NotImplementedError
+
+    def routing_terms(self) -> dict[str, float]:
+        """The last micro-batch's routing diagnostics that the task itself records (a Hugging Face
+        model's); our models' MoGE gates report theirs (``monitor.gate_terms``)."""
+        return {}
+
+    def expert_loads(self) -> list[torch.Tensor]:
+        """Per MoE layer the fraction of tokens per expert in the last micro-batch, over all ranks, where
+        the task records routing itself (as ``routing_terms``). Collective: every rank calls it."""
+        return []
 
 
 def _all_reduce_sum(values: list[float]) -> list[float]:
@@ -53,7 +65,7 @@ def _all_reduce_sum(values: list[float]) -> list[float]:
     return tensor.tolist()
 
 
-class LanguageModelling:
+class LanguageModelling(Task):
     """Next-token prediction on megatron-core GPT samples; evaluates loss and perplexity."""
 
     unit = "tokens"
@@ -145,7 +157,7 @@ def load_images(spec: str, split: str) -> ImageSet:
     raise DataError(f"data.images must be 'fashion_mnist', 'folder:<dir>' or 'hf:<name>', got {spec!r}")
 
 
-class ImageClassification:
+class ImageClassification(Task):
     """Cross-entropy on in-memory images; evaluates loss and top-1 accuracy."""
 
     unit = "images"
@@ -212,13 +224,32 @@ class HFLanguageModelling(LanguageModelling):
         self.moe = moe
         self.sigma = SigmaSchedule(moe.sigma_steps or config.train.steps, moe.sigma_max, moe.sigma_min,
                                    moe.sigma_gamma)
+        self.routing: RoutingRecord | None = None  # the last training micro-batch's
 
     def logits(self, model, tokens):
         return model(input_ids=tokens).logits
 
     def loss(self, model, batch, step):
-        hf_loss, l_aux = causal_lm_loss(model, batch, self.moe, self.sigma.value(step))
+        hf_loss, l_aux, self.routing = causal_lm_loss(model, batch, self.moe, self.sigma.value(step))
         return hf_loss, l_aux, batch["tokens"].numel()
+
+    def routing_terms(self) -> dict[str, float]:
+        """As the native gates log them: sigma, MoGE's term (mean per layer, unweighted), the noise-free
+        top-2 neighbour rate per layer; and ``router_aux_loss``, the model's own load-balancing term."""
+        record = self.routing
+        terms = {"sigma": record.sigma, "group_sparsity_loss": record.group_sparsity_loss.item()}
+        if record.load_balance_loss is not None:
+            terms["router_aux_loss"] = record.load_balance_loss.item()
+        experts = record.map_values[0].shape[1]
+        shape = tuple(self.moe.map_shape) if self.moe.map_shape else default_map_shape(experts)
+        return {**terms, **neighbour_terms(record.map_values, shape, self.moe.padding == "circular")}
+
+    def expert_loads(self) -> list[torch.Tensor]:
+        """From each layer's top-k router scores (DeepSeek-V3's correction bias and group limits, which
+        only steer the choice, are not applied here)."""
+        record = self.routing
+        return reduce_expert_counts([torch.bincount(v.topk(record.top_k, dim=-1).indices.flatten(),
+                                                    minlength=v.shape[1]) for v in record.map_values])
 
 
 def build_task(config: Config, micro_batch: int, rank: int, world: int, total_micro_batches: int,

@@ -287,8 +287,9 @@ class Trainer:
         task_loss, l_aux = losses["task_loss"].item(), losses["l_aux"].item()
         scalars = {"task_loss": task_loss, "l_aux": l_aux,
                    "loss": task_loss + self.config.moe.aux_loss_weight * l_aux,
-                   "lr": self.engine.get_lr()[0], **gate_terms(self.engine.module)}
-        self.run_log.step(self.step, scalars, gather_expert_load(self.engine.module))
+                   "lr": self.engine.get_lr()[0], **gate_terms(self.engine.module), **self.task.routing_terms()}
+        loads = gather_expert_load(self.engine.module) + self.task.expert_loads()
+        self.run_log.step(self.step, scalars, loads)
 
     def evaluate(self, split: str, batches: int | None) -> dict[str, float]:
         self.engine.eval()

@@ -57,10 +57,10 @@ def test_training_loss_is_hf_loss_plus_the_term(family):
     own = model(input_ids=batch["tokens"], labels=torch.cat([batch["tokens"][:, :1], labels[:, :-1]], dim=1),
                 output_router_logits=True)
     moe = MoEConfig(gs_weight=0.0, padding="circular")
-    hf_loss, l_aux = causal_lm_loss(model, batch, moe, sigma=1.0)
+    hf_loss, l_aux, _ = causal_lm_loss(model, batch, moe, sigma=1.0)
     assert torch.equal(hf_loss + moe.aux_loss_weight * l_aux, own.loss)
     moe.gs_weight = 3.0
-    hf_loss, l_aux = causal_lm_loss(model, batch, moe, sigma=1.0)
+    hf_loss, l_aux, _ = causal_lm_loss(model, batch, moe, sigma=1.0)
     shape = (2, 4) if family == "mixtral" else (4, 4)
     expected = sum(reference_loss(torch.softmax(logits.double(), dim=-1), shape, 3, 1.0, 1, "circular", "mean")
                    for logits in own.router_logits)

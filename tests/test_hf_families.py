@@ -90,12 +90,12 @@ def test_weight_zero_is_the_models_own_loss(name):
     batch = lm_batch(model.config.vocab_size)
     own = own_forward(model, batch).loss
     moe = MoEConfig(gs_weight=0.0, padding="circular")
-    hf_loss, l_aux = causal_lm_loss(model, batch, moe, sigma=1.0)
+    hf_loss, l_aux, _ = causal_lm_loss(model, batch, moe, sigma=1.0)
     assert torch.equal(hf_loss + moe.aux_loss_weight * l_aux, own)
     moe.gs_weight = 3.0
     with RouterLogits(model, family(model.config)) as routers:
         own_forward(model, batch)
-    hf_loss, l_aux = causal_lm_loss(model, batch, moe, sigma=1.0)
+    hf_loss, l_aux, _ = causal_lm_loss(model, batch, moe, sigma=1.0)
     expected = sum(reference_loss(reference_map_values(logits, name), (4, 4), 3, 1.0, 1, "circular", "mean")
                    for logits in routers.logits)
     assert torch.equal(hf_loss, own)
@@ -208,11 +208,11 @@ def train_family(name: str) -> dict:
     model = build_model(config)
     plain = copy.deepcopy(model)
     batch = lm_batch(model.config.vocab_size, seed=dist.get_rank())
-    plain_loss = [t.item() for t in causal_lm_loss(plain, batch, config.moe, sigma=1.0)]
+    plain_loss = [t.item() for t in causal_lm_loss(plain, batch, config.moe, sigma=1.0)[:2]]
     engine, *_ = deepspeed.initialize(model=model, model_parameters=list(model.parameters()), config=ds)
     losses = []
     for step in range(STEPS + 1):
-        hf_loss, l_aux = causal_lm_loss(engine, batch, config.moe, sigma=1.0)
+        hf_loss, l_aux, _ = causal_lm_loss(engine, batch, config.moe, sigma=1.0)
         if step == 0:
             first = [hf_loss.item(), l_aux.item()]
         loss = hf_loss + config.moe.aux_loss_weight * l_aux

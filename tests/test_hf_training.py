@@ -76,9 +76,16 @@ def test_trains_resumes_and_differs_from_moe_only_by_the_term(hf_workspace, moge
     for record in moge:
         assert record["l_aux"] > 0
         assert record["loss"] == pytest.approx(record["task_loss"] + 0.01 * record["l_aux"], rel=1e-9)
+        # MoGE's signals, as a native run logs them: the term per layer (SETTINGS: gs_weight 4), sigma, the
+        # neighbour rate and expert load per layer, and the model's own load-balancing term.
+        layers = [k.split("/")[1] for k in record if k.startswith("top2_neighbour_rate/")]
+        assert len(layers) >= 2 and layers == [k.split("/")[1] for k in record if k.startswith("expert_load_cv/")]
+        assert record["l_aux"] == pytest.approx(4.0 * len(layers) * record["group_sparsity_loss"], rel=1e-5)
+        assert 1 <= record["sigma"] <= 10 and 0 < record["router_aux_loss"] and 0 < record["top2_neighbour_chance"] < 1
     # Same seed and data: before any update the arms differ only by the MoGE term, which adds to the loss.
     _, moe = hf_train(ws, f"{family}_moe", family, stage, "train.steps=1", "moe.gs_weight=0")
     assert moe[0]["l_aux"] == 0 and moe[0]["task_loss"] == moge[0]["task_loss"]
+    assert moe[0]["group_sparsity_loss"] == pytest.approx(moge[0]["group_sparsity_loss"], rel=1e-6)  # logged alike
     # Save -> resume in the same layout continues with the same losses.
     resume_copy(ws, out, 3, f"{family}_resumed")
     _, resumed = hf_train(ws, f"{family}_resumed", family, stage, "train.steps=6", resume=True)

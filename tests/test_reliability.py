@@ -1,6 +1,7 @@
 """Bad input, frozen ranks, stopped launchers, dry runs: every one ends in one clear paragraph, in
 bounded time, with nothing written or lost. Real processes throughout (no mocks)."""
 
+import hashlib
 import json
 import os
 import re
@@ -19,6 +20,7 @@ from transformers import LlamaConfig
 from moge_ds.data.documents import SourceSpec
 from moge_ds.data.preprocess import preprocess
 from moge_ds.data.tokenizer import train_tokenizer
+from moge_ds.train import LOCK_FILE
 from tests.launching import BIN, REPO, TINY, free_port, launch_deepspeed, make_corpus, tiny_train_args
 
 pytestmark = pytest.mark.slow
@@ -53,10 +55,13 @@ class Case:
 
 
 def snapshot(path: Path) -> dict:
-    """Every file under ``path`` with its size and mtime (empty when ``path`` does not exist)."""
+    """Every file and directory under ``path``, files with their contents' hash (empty when ``path``
+    does not exist). Not the run directory's lock file: a start that claimed it records its holder
+    there, and an --overwrite that moved the earlier run aside and back changes mtimes, not data."""
     if not path.exists():
         return {}
-    return {str(p): (p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(path.rglob("*"))}
+    return {str(p): hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "dir"
+            for p in sorted(path.rglob("*")) if p.name != LOCK_FILE}
 
 
 def ds_variant(workspace, tmp, name, change) -> Path:

@@ -10,6 +10,7 @@ replicated, so they cover all E experts and the term needs no communication.
 from __future__ import annotations
 
 import sys
+from dataclasses import dataclass
 from functools import lru_cache
 from typing import TYPE_CHECKING, Literal, Sequence
 
@@ -60,11 +61,16 @@ def router_group_sparsity(router_logits: Sequence[torch.Tensor], moe: MoEConfig,
     Returns:
         A float32 scalar with gradients to the routers.
     """
-    experts = router_logits[0].shape[-1]
+    return maps_group_sparsity([map_values(logits, score_func) for logits in router_logits], moe, sigma)
+
+
+def maps_group_sparsity(values: Sequence[torch.Tensor], moe: MoEConfig, sigma: float) -> torch.Tensor:
+    """Sum over MoE layers of the group-sparsity loss of each layer's map values ``[T, E]``."""
+    experts = values[0].shape[-1]
     shape = tuple(moe.map_shape) if moe.map_shape else default_map_shape(experts)
-    pooling = _pooling(shape, moe.window_size, float(sigma), moe.stride, moe.padding, router_logits[0].device)
-    return sum((pooled_group_sparsity(map_values(logits, score_func), pooling, moe.reduction)
-                for logits in router_logits), torch.zeros((), device=pooling.device))
+    pooling = _pooling(shape, moe.window_size, float(sigma), moe.stride, moe.padding, values[0].device)
+    return sum((pooled_group_sparsity(v, pooling, moe.reduction) for v in values),
+               torch.zeros((), device=pooling.device))
 
 
 def moge_aux_loss(router_logits: Sequence[torch.Tensor], moe: MoEConfig, sigma: float,
@@ -91,10 +97,21 @@ def load_balance_loss(model: torch.nn.Module, router_logits: Sequence[torch.Tens
     return hf_model.router_aux_loss_coef * aux
 
 
+@dataclass
+class RoutingRecord:
+    """What one micro-batch's routing looked like, detached, for the run's history (never for gradients)."""
+
+    map_values: list[torch.Tensor]  # per MoE layer, the map values ``[T, E]`` (noise-free: HF routers add none)
+    top_k: int  # experts each token is routed to
+    load_balance_loss: torch.Tensor | None  # the model's own term (router_aux_loss_coef included); None: none
+    group_sparsity_loss: torch.Tensor  # MoGE's term per layer, unweighted (the mean over layers)
+    sigma: float
+
+
 def causal_lm_loss(model, batch: dict[str, torch.Tensor], moe: MoEConfig,
-                   sigma: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(hf_loss, l_aux)`` of one micro-batch of our LM samples (``tokens``, ``labels``, ``loss_mask``
-    ``[B, S]``, labels already shifted).
+                   sigma: float) -> tuple[torch.Tensor, torch.Tensor, RoutingRecord]:
+    """``(hf_loss, l_aux, record)`` of one micro-batch of our LM samples (``tokens``, ``labels``,
+    ``loss_mask`` ``[B, S]``, labels already shifted).
 
     ``hf_loss`` is the model's own loss: its cross-entropy over the unmasked labels plus its
     ``router_aux_loss_coef`` times its load-balancing loss (:func:`load_balance_loss`). Our labels are
@@ -109,4 +126,8 @@ def causal_lm_loss(model, batch: dict[str, torch.Tensor], moe: MoEConfig,
         out = model(input_ids=batch["tokens"], labels=labels, shift_labels=labels, **own_balance)
     balance = load_balance_loss(model, routers.logits)
     hf_loss = out.loss if balance is None else out.loss + balance.to(out.loss.device)
-    return hf_loss, moge_aux_loss(routers.logits, moe, sigma, fam.score_func)
+    with torch.no_grad():
+        values = [map_values(logits.detach(), fam.score_func) for logits in routers.logits]
+        group_sparsity = maps_group_sparsity(values, moe, sigma) / len(values)
+    record = RoutingRecord(values, fam.top_k, None if balance is None else balance.detach(), group_sparsity, sigma)
+    return hf_loss, moge_aux_loss(routers.logits, moe, sigma, fam.score_func), record
