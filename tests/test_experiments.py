@@ -86,3 +86,24 @@ def test_scaling_topography_report(sweep):
     assert "| 16 | moge | +0.0220 ± 0.0010 | 0.001 |" in report and "| 32 | moge | +0.0220 ± 0.0010 |" in report
     assert "0.600 (0.400)" in report and "+0.0500 (+0.0500)" in report
     assert (sweep.root / "scaling.png").is_file()
+
+
+def test_topography_report_of_a_test_sweep_with_a_dense_arm(sweep):
+    """A one-point sweep reported on test chooses nothing; a dense arm (no MoE layer) has no lambda."""
+    from moge_ds.experiments.topography import MEASURES, write_topography_report
+
+    sweep.grid = {"moe.num_experts": [16]}
+    sweep.arms = {**sweep.arms, "dense": ["moe.placement=none"]}
+    for run in sweep.runs():
+        out = sweep.root / "runs" / run.name
+        out.mkdir(parents=True)
+        (out / "metrics.json").write_text(json.dumps({"valid": {"accuracy": 0.7}, "test": {"accuracy": 0.7}}))
+        (out / "history.jsonl").write_text(json.dumps({"step": 4, "split": "valid", "accuracy": 0.7}))
+        layers = [] if run.arm == "dense" else [{m: 0.5 for m in MEASURES}]
+        lam = float("nan") if run.arm == "dense" else 1e-5 * (run.arm == "moge")
+        (out / "topography.json").write_text(json.dumps({"paper_lambda": lam, "gs_weight": 4.0, "padding": "valid",
+                                                          "layers": layers}))
+    report = write_topography_report(sweep, probe=10).read_text()
+    assert "Nothing is chosen here" in report and "Chosen on validation" not in report
+    assert "| dense | - | 4 | valid | 0.7000 ± 0.0000 |" in report
+    assert json.loads((sweep.root / "topography.json").read_text())["choice"] is None

@@ -60,8 +60,9 @@ def run_topography(run_dir: Path, probe: int) -> dict:
     moe = config.moe
     geometry = MapGeometry(tuple(moe.map_shape) if moe.map_shape else default_map_shape(moe.num_experts),
                            moe.window_size, moe.stride, moe.padding, moe.sigma_min)
-    result = {"paper_lambda": paper_lambda(json.loads((run_dir / "config.json").read_text())),
-              "gs_weight": moe.gs_weight, "padding": moe.padding,
+    # A dense run (no MoE layer: e.g. the dense arm of an upcycling sweep) has no map and no lambda.
+    lam = paper_lambda(json.loads((run_dir / "config.json").read_text())) if routing else math.nan
+    result = {"paper_lambda": lam, "gs_weight": moe.gs_weight, "padding": moe.padding if routing else "-",
               "layers": [topography(layer.scores, geometry, moe.top_k) for layer in routing]}
     cached.write_text(json.dumps(result, indent=1))
     return result
@@ -146,7 +147,9 @@ def write_topography_report(sweep: Sweep, probe: int = 2000) -> Path:
         return write_scaling_report(sweep, points, probe)
     point = points[0]
     arms = [s for s in (arm_summary(sweep, point, arm, probe) for arm in sweep.arms) if s is not None]
-    choice = choose_on_validation(sweep, arms)
+    # Only a tuning sweep (reported on validation) chooses an arm; a test-reported sweep compares
+    # its pre-registered arms in results.md.
+    choice = choose_on_validation(sweep, arms) if sweep.report_split == "valid" else None
     (sweep.root / "topography.json").write_text(json.dumps({"arms": arms, "choice": choice}, indent=1))
     m = sweep.metric
     lines = [f"# {sweep.name}: does the penalty organise the router, and does that help?", "",
@@ -158,28 +161,37 @@ def write_topography_report(sweep: Sweep, probe: int = 2000) -> Path:
              "|" + "---|" * 13]
     for a in arms:
         ratio = a["group_sparsity_loss"] / a["group_sparsity_loss_uniform"]
-        lines.append(f"| {a['arm']} | {a['paper_lambda']:.2g} | {a['gs_weight']:.4g} | {a['padding']} | "
+        lam = "-" if math.isnan(a["paper_lambda"]) else f"{a['paper_lambda']:.2g}"
+        lines.append(f"| {a['arm']} | {lam} | {a['gs_weight']:.4g} | {a['padding']} | "
                      f"{_fmt(a['valid'], a['valid_std'], 4)} | {a['plateau_gap']:+.4f} | "
                      f"{_fmt(a['top2_neighbour_rate'], a['top2_neighbour_rate_std'])} | "
                      f"{a['top2_neighbour_chance']:.3f} | {_both_graphs(a)} | "
                      f"{_fmt(a['map_smoothness'], a['map_smoothness_std'])} | "
                      f"{_fmt(a['border_bias'], a['border_bias_std'])} | {a['entropy_normalized']:.3f} | "
                      f"{ratio:.3f} |")
-    test, valid = choice["test_difference"], choice["valid_difference"]
-    lines += ["", f"**Chosen on validation:** `{choice['chosen']}` (paper lambda {choice['paper_lambda']:.2g}, "
-              f"{choice['padding']} padding): valid {m} {valid['mean']:+.4f} ± {valid['std']:.4f} against "
-              f"`{sweep.baseline}`.", "",
-              f"**Test, reported once:** {choice['chosen']} {choice['test']['chosen']:.4f} vs {sweep.baseline} "
-              f"{choice['test']['baseline']:.4f}; paired difference {test['mean']:+.4f} ± {test['std']:.4f} over "
-              f"seeds {choice['seeds']} (paired t p = {test['p']:.3f})." if test["p"] is not None else "", "",
-              "![metrics against lambda](topography.png)", "", "![neighbour rate during training]"
-              "(neighbour_curves.png)", "",
-              f"Reproduce: `python -m moge_ds.experiments run experiments/{sweep.name}.yaml`, then "
-              f"`python -m moge_ds.experiments topography experiments/{sweep.name}.yaml`.", ""]
+    lines += _choice_lines(sweep, choice) + ["![metrics against lambda](topography.png)", "",
+                                             "![neighbour rate during training](neighbour_curves.png)", "",
+                                             f"Reproduce: `python -m moge_ds.experiments run experiments/"
+                                             f"{sweep.name}.yaml`, then `python -m moge_ds.experiments topography "
+                                             f"experiments/{sweep.name}.yaml`.", ""]
     (sweep.root / "topography.md").write_text("\n".join(lines))
     _plot_against_lambda(sweep, arms, sweep.root / "topography.png")
     _plot_neighbour_curves(sweep, point, sweep.root / "neighbour_curves.png")
     return sweep.root / "topography.md"
+
+
+def _choice_lines(sweep: Sweep, choice: dict | None) -> list[str]:
+    m = sweep.metric
+    if choice is None:
+        return ["", f"Nothing is chosen here: the pre-registered arms' test {m} against `{sweep.baseline}` is in "
+                f"results.md.", ""]
+    test, valid = choice["test_difference"], choice["valid_difference"]
+    return ["", f"**Chosen on validation:** `{choice['chosen']}` (paper lambda {choice['paper_lambda']:.2g}, "
+              f"{choice['padding']} padding): valid {m} {valid['mean']:+.4f} ± {valid['std']:.4f} against "
+              f"`{sweep.baseline}`.", "",
+              f"**Test, reported once:** {choice['chosen']} {choice['test']['chosen']:.4f} vs {sweep.baseline} "
+              f"{choice['test']['baseline']:.4f}; paired difference {test['mean']:+.4f} ± {test['std']:.4f} over "
+              f"seeds {choice['seeds']} (paired t p = {test['p']:.3f})." if test["p"] is not None else "", ""]
 
 
 def _plot_against_lambda(sweep: Sweep, arms: list[dict], path: Path) -> None:
@@ -195,7 +207,7 @@ def _plot_against_lambda(sweep: Sweep, arms: list[dict], path: Path) -> None:
     for axis, (key, title) in zip(axes, panels):
         for padding, colour in (("valid", "tab:blue"), ("circular", "tab:orange")):
             pts = sorted((a["paper_lambda"], a[key], a[key + "_std"]) for a in arms
-                         if a["arm"] != sweep.baseline and a["padding"] == padding)
+                         if a["arm"] != sweep.baseline and a["padding"] == padding and a["paper_lambda"] > 0)
             if pts:
                 x, y, e = zip(*pts)
                 axis.errorbar(x, y, yerr=[0 if math.isnan(v) else v for v in e], marker="o", capsize=3,
