@@ -7,8 +7,10 @@ Library code never starts torch.distributed; an entry point that calls code need
 
 from __future__ import annotations
 
+import logging
 import os
 import tempfile
+import time
 from contextlib import contextmanager
 from datetime import timedelta
 from pathlib import Path
@@ -17,6 +19,8 @@ from typing import Iterator
 import torch
 import torch.distributed as dist
 
+log = logging.getLogger("moge_ds")
+STALE_BUILD_LOCK_S = 600  # DeepSpeed's CPU ops build in about a minute here
 
 @contextmanager
 def single_process_group() -> Iterator[None]:
@@ -38,10 +42,30 @@ def init_job(timeout: timedelta = timedelta(minutes=30)) -> None:
     import deepspeed
     from deepspeed.accelerator import get_accelerator
 
+    warn_stale_build_locks()
     # mpirun starts ranks without RANK/MASTER_ADDR: DeepSpeed then discovers them through mpi4py.
     deepspeed.init_distributed(dist_backend=get_accelerator().communication_backend_name(),
                                distributed_port=int(os.environ.get("MASTER_PORT", 29500)), timeout=timeout)
     release_shm_names()
+
+
+def warn_stale_build_locks() -> list[Path]:
+    """Name torch extension build locks older than ``STALE_BUILD_LOCK_S``; returns them.
+
+    DeepSpeed builds some ops on first use (on CPU, the shared-memory collective op that
+    ``init_distributed`` loads), and torch serialises those builds on a plain ``lock`` file in the
+    op's build directory. A process killed during a build leaves the file behind, and every later
+    start then waits for it forever without a word (seen here: a 2-rank run silent for 7 minutes).
+    Warned, not removed: a build in progress elsewhere holds a young lock.
+    """
+    root = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or Path.home() / ".cache" / "torch_extensions")
+    now = time.time()
+    stale = [lock for lock in root.glob("*/*/lock") if now - lock.stat().st_mtime > STALE_BUILD_LOCK_S]
+    for lock in stale:
+        log.warning("%s is %.0f min old: a build killed midway left it, and DeepSpeed waits for it without end. "
+                    "If no build of %s is running, remove it.", lock, (now - lock.stat().st_mtime) / 60,
+                    lock.parent.name)
+    return stale
 
 
 def release_shm_names() -> int:
