@@ -225,13 +225,14 @@ def init_from_export(model: torch.nn.Module, path: Path, ep_rank: int, ep_size: 
 def _one_name_per_tensor(state: dict[str, torch.Tensor], stored: dict) -> tuple[list[str], dict[str, str]]:
     """The state's names with one name per shared tensor (a tied head is stored once, under either
     name), preferring the stored name; and each dropped name -> the name it shares a tensor with."""
-    kept: dict[int, str] = {}
+    kept: dict[int | str, str] = {}
     twins: dict[str, str] = {}
     for name, tensor in state.items():
-        first = kept.setdefault(tensor.data_ptr(), name)
+        key = tensor.data_ptr() or name  # an empty tensor has no storage to share
+        first = kept.setdefault(key, name)
         if first != name:
             keep, drop = (name, first) if name in stored and first not in stored else (first, name)
-            kept[tensor.data_ptr()] = keep
+            kept[key] = keep
             twins[drop] = keep
     return list(kept.values()), twins
 
