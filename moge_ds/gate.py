@@ -16,8 +16,8 @@ import torch.nn.functional as F
 from deepspeed.moe.sharded_moe import (TOPK_GATE_TIMER, TopKGate, multiplicative_jitter, top1gating, top2gating,
                                        topkgating)
 
-from moge_ds.topographic import (Padding, Reduction, SigmaSchedule, check_map, default_map_shape,
-                                 pooled_group_sparsity, pooling_matrix)
+from moge_ds.topographic import (Padding, PoolingCache, Reduction, SigmaSchedule, check_map, default_map_shape,
+                                 pooled_group_sparsity)
 
 
 class MoGEGate(TopKGate):
@@ -77,8 +77,7 @@ class MoGEGate(TopKGate):
         self.sigma = self.sigma_schedule.value(0) if self.sigma_schedule else float(sigma)
         if not self.sigma > 0:
             raise ValueError(f"sigma must be > 0, got {self.sigma}")
-        self._pooling: Optional[torch.Tensor] = None
-        self._pooling_key: Optional[tuple] = None
+        self._pooling = PoolingCache()
         self.last_load_balance_loss: Optional[torch.Tensor] = None
         self.last_group_sparsity_loss: Optional[torch.Tensor] = None
         self.last_scores: Optional[torch.Tensor] = None
@@ -90,12 +89,7 @@ class MoGEGate(TopKGate):
 
     def pooling(self, device: torch.device) -> torch.Tensor:
         """The ``[E, P]`` pooling matrix for the current sigma, rebuilt only when sigma changes."""
-        key = (self.sigma, device)
-        if key != self._pooling_key:
-            self._pooling = pooling_matrix(self.map_shape, self.window_size, self.sigma, self.stride, self.padding,
-                                           torch.float32, device)
-            self._pooling_key = key
-        return self._pooling
+        return self._pooling(self.map_shape, self.window_size, self.sigma, self.stride, self.padding, device)
 
     def forward(self,
                 input: torch.Tensor,

@@ -25,7 +25,7 @@ from moge_ds.gate import set_sigma_step
 from moge_ds.hf.families import read_config as read_hf_config
 from moge_ds.hf.loss import RoutingRecord, causal_lm_loss
 from moge_ds.monitor import neighbour_terms, reduce_expert_counts
-from moge_ds.topographic import SigmaSchedule, default_map_shape
+from moge_ds.topographic import PoolingCache, SigmaSchedule, default_map_shape
 
 
 class Task:
@@ -225,19 +225,22 @@ class HFLanguageModelling(LanguageModelling):
         self.sigma = SigmaSchedule(moe.sigma_steps or config.train.steps, moe.sigma_max, moe.sigma_min,
                                    moe.sigma_gamma)
         self.routing: RoutingRecord | None = None  # the last training micro-batch's
+        self.pooling = PoolingCache()
 
     def logits(self, model, tokens):
         return model(input_ids=tokens).logits
 
     def loss(self, model, batch, step):
-        hf_loss, l_aux, self.routing = causal_lm_loss(model, batch, self.moe, self.sigma.value(step))
+        hf_loss, l_aux, self.routing = causal_lm_loss(model, batch, self.moe, self.sigma.value(step), self.pooling)
         return hf_loss, l_aux, batch["tokens"].numel()
 
     def routing_terms(self) -> dict[str, float]:
-        """As the native gates log them: sigma, MoGE's term (mean per layer, unweighted), the noise-free
+        """As the native gates log them: sigma, MoGE's term (mean per layer, unweighted; MoGE only), the noise-free
         top-2 neighbour rate per layer; and ``router_aux_loss``, the model's own load-balancing term."""
         record = self.routing
-        terms = {"sigma": record.sigma, "group_sparsity_loss": record.group_sparsity_loss.item()}
+        terms = {"sigma": record.sigma}
+        if record.group_sparsity_loss is not None:
+            terms["group_sparsity_loss"] = record.group_sparsity_loss.item()
         if record.load_balance_loss is not None:
             terms["router_aux_loss"] = record.load_balance_loss.item()
         experts = record.map_values[0].shape[1]

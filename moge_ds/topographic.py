@@ -103,6 +103,24 @@ def pooling_matrix(map_shape: tuple[int, int],
     return matrix.to(dtype=dtype, device=device)
 
 
+class PoolingCache:
+    """One pooling matrix kept: the gate and the Hugging Face loss need it for every MoE layer of every
+    micro-batch, while sigma moves at most once a step. ``cache(...)`` takes :func:`pooling_matrix`'s
+    arguments (fp32) and rebuilds only when one of them changed."""
+
+    def __init__(self):
+        self._key: tuple | None = None
+        self._matrix: torch.Tensor | None = None
+
+    def __call__(self, map_shape: tuple[int, int], window_size: int, sigma: float, stride: int, padding: Padding,
+                 device: torch.device) -> torch.Tensor:
+        key = (tuple(map_shape), window_size, float(sigma), stride, padding, torch.device(device))
+        if key != self._key:
+            self._matrix = pooling_matrix(key[0], window_size, key[2], stride, padding, torch.float32, device)
+            self._key = key
+        return self._matrix
+
+
 def pooled_group_sparsity(scores: torch.Tensor, pooling: torch.Tensor, reduction: Reduction = "mean") -> torch.Tensor:
     """The group-sparsity loss given a precomputed ``pooling_matrix``.
 

@@ -85,7 +85,7 @@ def test_trains_resumes_and_differs_from_moe_only_by_the_term(hf_workspace, moge
     # Same seed and data: before any update the arms differ only by the MoGE term, which adds to the loss.
     _, moe = hf_train(ws, f"{family}_moe", family, stage, "train.steps=1", "moe.gs_weight=0")
     assert moe[0]["l_aux"] == 0 and moe[0]["task_loss"] == moge[0]["task_loss"]
-    assert moe[0]["group_sparsity_loss"] == pytest.approx(moge[0]["group_sparsity_loss"], rel=1e-6)  # logged alike
+    assert "group_sparsity_loss" not in moe[0] and moe[0]["top2_neighbour_rate/layer0"] >= 0  # as native MoE
     # Save -> resume in the same layout continues with the same losses.
     resume_copy(ws, out, 3, f"{family}_resumed")
     _, resumed = hf_train(ws, f"{family}_resumed", family, stage, "train.steps=6", resume=True)

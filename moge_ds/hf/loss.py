@@ -11,14 +11,13 @@ from __future__ import annotations
 
 import sys
 from dataclasses import dataclass
-from functools import lru_cache
 from typing import TYPE_CHECKING, Literal, Sequence
 
 import torch
 
 from moge_ds.hf.families import family
 from moge_ds.hf.routers import RouterLogits, unwrap
-from moge_ds.topographic import default_map_shape, pooled_group_sparsity, pooling_matrix
+from moge_ds.topographic import PoolingCache, default_map_shape, pooled_group_sparsity
 
 if TYPE_CHECKING:
     from moge_ds.config import MoEConfig
@@ -42,15 +41,9 @@ def map_values(logits: torch.Tensor, score_func: Literal["softmax", "sigmoid"]) 
     return scores / scores.sum(dim=-1, keepdim=True)
 
 
-@lru_cache(maxsize=8)
-def _pooling(map_shape: tuple[int, int], window_size: int, sigma: float, stride: int, padding: str,
-             device: torch.device) -> torch.Tensor:
-    """The ``[E, P]`` pooling matrix, built once per sigma for all layers and micro-batches of a step."""
-    return pooling_matrix(map_shape, window_size, sigma, stride, padding, torch.float32, device)
-
-
 def router_group_sparsity(router_logits: Sequence[torch.Tensor], moe: MoEConfig, sigma: float,
-                          score_func: Literal["softmax", "sigmoid"] = "softmax") -> torch.Tensor:
+                          score_func: Literal["softmax", "sigmoid"] = "softmax",
+                          pooling: PoolingCache | None = None) -> torch.Tensor:
     """Sum over MoE layers of the group-sparsity loss of each layer's map values.
 
     Args:
@@ -58,28 +51,25 @@ def router_group_sparsity(router_logits: Sequence[torch.Tensor], moe: MoEConfig,
         moe: the map shape, window, stride, padding and reduction.
         sigma: the Gaussian window's width at this step (``SigmaSchedule``).
         score_func: the router's, see :func:`map_values`.
+        pooling: the caller's cache of the pooling matrix (a training task keeps one); None: built here.
     Returns:
         A float32 scalar with gradients to the routers.
     """
-    return maps_group_sparsity([map_values(logits, score_func) for logits in router_logits], moe, sigma)
-
-
-def maps_group_sparsity(values: Sequence[torch.Tensor], moe: MoEConfig, sigma: float) -> torch.Tensor:
-    """Sum over MoE layers of the group-sparsity loss of each layer's map values ``[T, E]``."""
-    experts = values[0].shape[-1]
+    experts, device = router_logits[0].shape[-1], router_logits[0].device
     shape = tuple(moe.map_shape) if moe.map_shape else default_map_shape(experts)
-    pooling = _pooling(shape, moe.window_size, float(sigma), moe.stride, moe.padding, values[0].device)
-    return sum((pooled_group_sparsity(v, pooling, moe.reduction) for v in values),
-               torch.zeros((), device=pooling.device))
+    matrix = (pooling or PoolingCache())(shape, moe.window_size, sigma, moe.stride, moe.padding, device)
+    return sum((pooled_group_sparsity(map_values(logits, score_func), matrix, moe.reduction)
+                for logits in router_logits), torch.zeros((), device=device))
 
 
 def moge_aux_loss(router_logits: Sequence[torch.Tensor], moe: MoEConfig, sigma: float,
-                  score_func: Literal["softmax", "sigmoid"] = "softmax") -> torch.Tensor:
+                  score_func: Literal["softmax", "sigmoid"] = "softmax",
+                  pooling: PoolingCache | None = None) -> torch.Tensor:
     """MoGE's auxiliary loss, ``gs_weight * router_group_sparsity`` (the trainer scales it by
     ``aux_loss_weight``); an exact zero at ``gs_weight`` 0, so the MoE baseline's loss is HF's own."""
     if moe.gs_weight == 0:
         return torch.zeros((), dtype=torch.float32, device=router_logits[0].device)
-    return moe.gs_weight * router_group_sparsity(router_logits, moe, sigma, score_func)
+    return moe.gs_weight * router_group_sparsity(router_logits, moe, sigma, score_func, pooling)
 
 
 def load_balance_loss(model: torch.nn.Module, router_logits: Sequence[torch.Tensor]) -> torch.Tensor | None:
@@ -104,14 +94,14 @@ class RoutingRecord:
     map_values: list[torch.Tensor]  # per MoE layer, the map values ``[T, E]`` (noise-free: HF routers add none)
     top_k: int  # experts each token is routed to
     load_balance_loss: torch.Tensor | None  # the model's own term (router_aux_loss_coef included); None: none
-    group_sparsity_loss: torch.Tensor  # MoGE's term per layer, unweighted (the mean over layers)
+    group_sparsity_loss: torch.Tensor | None  # MoGE's term per layer, unweighted (mean over layers); None: MoE
     sigma: float
 
 
-def causal_lm_loss(model, batch: dict[str, torch.Tensor], moe: MoEConfig,
-                   sigma: float) -> tuple[torch.Tensor, torch.Tensor, RoutingRecord]:
+def causal_lm_loss(model, batch: dict[str, torch.Tensor], moe: MoEConfig, sigma: float,
+                   pooling: PoolingCache | None = None) -> tuple[torch.Tensor, torch.Tensor, RoutingRecord]:
     """``(hf_loss, l_aux, record)`` of one micro-batch of our LM samples (``tokens``, ``labels``,
-    ``loss_mask`` ``[B, S]``, labels already shifted).
+    ``loss_mask`` ``[B, S]``, labels already shifted); ``pooling`` as in :func:`router_group_sparsity`.
 
     ``hf_loss`` is the model's own loss: its cross-entropy over the unmasked labels plus its
     ``router_aux_loss_coef`` times its load-balancing loss (:func:`load_balance_loss`). Our labels are
@@ -126,8 +116,9 @@ def causal_lm_loss(model, batch: dict[str, torch.Tensor], moe: MoEConfig,
         out = model(input_ids=batch["tokens"], labels=labels, shift_labels=labels, **own_balance)
     balance = load_balance_loss(model, routers.logits)
     hf_loss = out.loss if balance is None else out.loss + balance.to(out.loss.device)
+    l_aux = moge_aux_loss(routers.logits, moe, sigma, fam.score_func, pooling)
     with torch.no_grad():
         values = [map_values(logits.detach(), fam.score_func) for logits in routers.logits]
-        group_sparsity = maps_group_sparsity(values, moe, sigma) / len(values)
-    record = RoutingRecord(values, fam.top_k, None if balance is None else balance.detach(), group_sparsity, sigma)
-    return hf_loss, moge_aux_loss(routers.logits, moe, sigma, fam.score_func), record
+    per_layer = l_aux.detach() / (moe.gs_weight * len(values)) if moe.gs_weight > 0 else None
+    record = RoutingRecord(values, fam.top_k, None if balance is None else balance.detach(), per_layer, sigma)
+    return hf_loss, l_aux, record
