@@ -55,13 +55,14 @@ class Case:
 
 
 def snapshot(path: Path) -> dict:
-    """Every file and directory under ``path``, files with their contents' hash (empty when ``path``
-    does not exist). Not the run directory's lock file: a start that claimed it records its holder
-    there, and an --overwrite that moved the earlier run aside and back changes mtimes, not data."""
+    """Every file under ``path`` with its size, mtime and contents' hash, and every directory (empty
+    when ``path`` does not exist). Not a directory's mtime: an --overwrite that moved the earlier run
+    aside and back changes it, not what the directory holds. Not the run directory's lock file: a
+    start that claimed the directory records its holder there."""
     if not path.exists():
         return {}
-    return {str(p): hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "dir"
-            for p in sorted(path.rglob("*")) if p.name != LOCK_FILE}
+    return {str(p): (p.stat().st_size, p.stat().st_mtime_ns, hashlib.sha256(p.read_bytes()).hexdigest())
+            if p.is_file() else "dir" for p in sorted(path.rglob("*")) if p.name != LOCK_FILE}
 
 
 def ds_variant(workspace, tmp, name, change) -> Path:
