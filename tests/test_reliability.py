@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -301,10 +302,15 @@ def analysis_and_sweep_cases(workspace, tmp, exported) -> list[Case]:
 
 
 def init_from_cases(workspace, tmp, earlier, exported) -> list[Case]:
-    """A run started from an export (model.init_from): refused before anything is written, and a
-    mismatch found only once the model is built leaves an --overwrite'd earlier run whole."""
+    """Upcycling, and a run started from an export (model.init_from): refused before anything is
+    written, and a mismatch found only once the model is built leaves an --overwrite'd earlier run whole."""
     fresh = tmp / "never_init"
+    upcycle = [sys.executable, "-m", "moge_ds.upcycle", str(exported), "--num-experts", "4"]
     return [
+        Case("upcycle a MoE export", [*upcycle, "--top-k", "2", "--out", str(tmp / "up")],
+             r"the export already has MoE blocks \(moe.placement 'every_other'\)", tmp / "up"),
+        Case("upcycle into a run directory", [*upcycle, "--top-k", "2", "--out", str(earlier)],
+             "is not empty .*upcycling writes a new directory", earlier),
         Case("init_from not an export", train_cmd(workspace, fresh, f"model.init_from={tmp}"),
              r"model.init_from '.*' is not an export \(it lacks \['model.safetensors', 'config.json'\]\)", fresh),
         Case("init_from another model's export", train_cmd(workspace, earlier, "model.dim=64",
@@ -378,12 +384,20 @@ CASE_NAMES = [
     "config YAML with a bad indent", "NaN learning rate", "collective timeout 0", "analysis of a missing export",
     "invariance of a language model", "a missing sweep file", "a sweep with an unknown key",
     "a dense Hugging Face model", "preprocess over an existing dataset", "tokenizer over an existing model",
-    "init_from not an export", "init_from another model's export"]
+    "init_from not an export", "init_from another model's export", "upcycle a MoE export",
+    "upcycle into a run directory"]
 
 
 def test_every_case_is_checked(outcomes):
-    """The table's cases and the parametrised names agree: no case runs without its checks."""
+    """The table's cases and the parametrised names agree: no case runs without its checks; and
+    every command-line tool has cases."""
     assert sorted(outcomes) == sorted(CASE_NAMES)
+    per_tool = Counter(next((arg for arg in case.cmd if arg.startswith("moge_ds.")), case.cmd[0])
+                       for case, *_ in outcomes.values())
+    print(f"bad-input cases per tool ({len(outcomes)}): {dict(sorted(per_tool.items()))}")
+    tools = ("train", "export", "evaluate", "generate", "universal", "analysis", "experiments", "data.tokenizer",
+             "data.preprocess", "upcycle")
+    assert all(per_tool[f"moge_ds.{tool}"] for tool in tools), per_tool
 
 
 @pytest.mark.parametrize("name", CASE_NAMES)
