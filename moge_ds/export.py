@@ -86,6 +86,18 @@ def universal_weights(tag_dir: Path, work: Path) -> dict[str, torch.Tensor]:
     return weights
 
 
+def module_buffers(tag_dir: Path, exclude: set[str]) -> dict[str, torch.Tensor]:
+    """The module's tensors that a Universal Checkpoint leaves out, its buffers (DeepSeek-V3's and
+    MiniMax-M3's ``e_score_correction_bias``), from rank 0's model states: buffers are never
+    partitioned, so that file holds them whole under any ZeRO stage. ``exclude``: the parameters."""
+    files = [tag_dir / "mp_rank_00_model_states.pt", tag_dir / "zero_pp_rank_0_mp_rank_00_model_states.pt"]
+    main_file = next((f for f in files if f.is_file()), None)
+    if main_file is None:
+        raise CheckpointError(f"{tag_dir} holds neither of {[f.name for f in files]}: not a DeepSpeed checkpoint")
+    module = torch.load(main_file, map_location="cpu", weights_only=True)["module"]
+    return {name: tensor for name, tensor in module.items() if name not in exclude}
+
+
 def export_hf(tag_dir: Path, config: Config, out: Path) -> None:
     """A Hugging Face model directory (``save_pretrained``: safetensors + config.json) of an hf-kind run."""
     from moge_ds.hf.export_names import hf_state_dict
@@ -93,9 +105,10 @@ def export_hf(tag_dir: Path, config: Config, out: Path) -> None:
 
     with tempfile.TemporaryDirectory(prefix="universal_", dir=out) as work:  # inside the staged export
         autoep_weights = universal_weights(tag_dir, Path(work) / "universal")
+    autoep_weights = {**module_buffers(tag_dir, exclude=set(autoep_weights)), **autoep_weights}
     model = build(dataclasses.replace(config.model, hf_init="random"), config.train.seed)
     own = model.state_dict()
-    weights = hf_state_dict(autoep_weights, model.config)
+    weights = {k: v for k, v in hf_state_dict(autoep_weights, model.config).items() if k in own}
     # ZeRO-3 stores weights flat; a tied head is one weight stored once.
     weights = {k: v.reshape(own[k].shape) if k in own and v.numel() == own[k].numel() else v
                for k, v in weights.items()}

@@ -5,6 +5,7 @@ import json
 import shutil
 
 import pytest
+import torch
 
 from moge_ds.checkpoint import tag_for
 from moge_ds.config import load_ds_config
@@ -106,6 +107,28 @@ def test_universal_checkpoint_resumes_into_another_autoep_size(hf_workspace, mog
     expected = {s: loss for s, loss in losses(uninterrupted).items() if s > 3}
     assert losses(resumed)[4] == pytest.approx(expected[4], rel=1e-9)
     assert losses(resumed) == pytest.approx(expected, rel=after_first)
+
+
+def test_deepseek_v3_export_keeps_its_correction_bias(hf_workspace, tmp_path):
+    """DeepSeek-V3's router bias is a buffer, which a Universal Checkpoint leaves out: the export takes
+    it from the model states. Trained from pretrained weights with a non-zero bias (it steers which
+    experts a token gets, so a lost bias changes the loss), the export scores as the engine did."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(REPO / "configs/hf/deepseek_v3_tiny")
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config)
+    biases = {name: buf for name, buf in model.named_buffers() if name.endswith("e_score_correction_bias")}
+    for buf in biases.values():
+        buf.copy_(torch.randn(buf.shape) * 0.5)
+    model.save_pretrained(hf_workspace / "deepseek_v3_pretrained")
+    out, _ = hf_train(hf_workspace, "deepseek_v3_moge", "deepseek_v3_pretrained", 3, "train.steps=2",
+                      "model.hf_init=pretrained")
+    exported = export(out / "checkpoints", tmp_path / "export")
+    reloaded = dict(AutoModelForCausalLM.from_pretrained(exported, local_files_only=True).named_buffers())
+    assert biases and all(torch.equal(reloaded[name], buf) for name, buf in biases.items())
+    engine_metrics = json.loads((out / "metrics.json").read_text())["valid"]
+    assert evaluate(exported, "valid", micro_batch=4)["loss"] == pytest.approx(engine_metrics["loss"], rel=1e-6)
 
 
 def test_export_loads_with_from_pretrained_and_matches_the_engine(hf_workspace, moge_run):
