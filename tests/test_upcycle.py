@@ -207,7 +207,7 @@ def test_first_training_loss_under_autoep_zero3_is_the_dense_models(workspace, t
     (tmp_path / "ds.json").write_text(json.dumps(ds))
     settings = ["train.log_interval=1", "train.eval_interval=0", "train.final_eval=[]", "train.steps=1",
                 "moe.gs_weight=0", "train.dist_timeout_s=120", f"model.hf_path={out}", "model.hf_init=pretrained"]
-    run, history = train(workspace, "upcycled", preset="mixtral_tiny.yaml", tiny=settings,
+    run, history = train(workspace, f"upcycled_{source}", preset="mixtral_tiny.yaml", tiny=settings,
                          ds_config=str(tmp_path / "ds.json"))
     config = config_from_dict(json.loads((run / "config.json").read_text())["config"])  # as the run saw it
     batch = build_task(config, 4, rank=0, world=2, total_micro_batches=1, device=torch.device("cpu")).train_batch(0)
