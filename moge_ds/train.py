@@ -228,13 +228,13 @@ class Trainer:
         ``init_from`` (a fresh start) and one is given."""
         config = self.config
         ep_rank = self.rank % config.moe.ep_size
-        model = build_model(config, getattr(self.task, "vocab_size", None), ep_rank=ep_rank)
+        model = build_model(config, getattr(self.task, "vocab_size", None), ep_rank=ep_rank, ds=self.ds_config)
         if init_from and config.model.init_from:
             try:
                 init_from_export(model, Path(config.model.init_from), ep_rank, config.moe.ep_size)
             except checkpoint.CheckpointError as err:
                 raise InputError("model.init_from", err) from None
-        parameters = sum(p.numel() for p in model.parameters())  # before ZeRO-3 partitions them
+        parameters = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())  # ds_numel: ZeRO-3's whole size
         trainable = [p for p in model.parameters() if p.requires_grad]
         # AutoEP creates its expert parameters and their optimizer groups itself, inside initialize.
         param_groups = trainable if config.model.kind == "hf" else \

@@ -179,3 +179,53 @@ def test_correction_bias_exports_under_the_hf_router():
     mapped = hf_state_dict({"model.layers.1.mlp.router.e_score_correction_bias": bias,
                             "model.layers.1.mlp.router.gate.weight": torch.ones(8, 4)}, config)
     assert mapped.keys() == {"model.layers.1.mlp.gate.e_score_correction_bias", "model.layers.1.mlp.gate.weight"}
+
+
+def partitioned(path, monkeypatch, dtype="fp32", hf_init="pretrained"):
+    """The model under ``path`` built as ZeRO-3 partitions (one-rank group) and loaded by moge-ds."""
+    from moge_ds.config import ModelConfig
+    from moge_ds.hf.loading import build
+
+    monkeypatch.setenv("LOCAL_RANK", "0")  # zero.Init reads it; a launcher sets it
+    ds = {"train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": 3}, dtype: {"enabled": True}}
+    return build(ModelConfig(kind="hf", hf_path=str(path), hf_init=hf_init), seed=0, ds=ds)
+
+
+def gathered(model) -> dict[str, torch.Tensor]:
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters(list(model.parameters())):
+        return {name: p.data.reshape(p.ds_shape).clone() for name, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("family", ["mixtral", "qwen3_moe"])
+@pytest.mark.parametrize("original_format", [True, False], ids=["per_expert_layout", "fused_layout"])
+def test_partitioned_loading_reads_the_weights_of_either_layout(family, original_format, tmp_path, monkeypatch,
+                                                                process_group):
+    source = tiny_model(family)
+    source.save_pretrained(tmp_path, save_original_format=original_format)
+    model = partitioned(tmp_path, monkeypatch)
+    assert all(p.numel() == 0 for p in model.parameters())  # partitions only outside a gather
+    weights, expected = gathered(model), source.state_dict()
+    assert set(weights) <= set(expected) and weights
+    for name, tensor in weights.items():
+        assert torch.equal(tensor, expected[name]), name
+
+
+def test_partitioned_loading_builds_in_the_training_dtype(tmp_path, monkeypatch, process_group):
+    source = tiny_model("mixtral")
+    source.save_pretrained(tmp_path)
+    model = partitioned(tmp_path, monkeypatch, dtype="bf16")
+    for name, tensor in gathered(model).items():
+        assert tensor.dtype == torch.bfloat16, name
+        assert torch.equal(tensor, source.state_dict()[name].to(torch.bfloat16)), name
+
+
+def test_partitioned_loading_refuses_another_models_checkpoint(tmp_path, monkeypatch, process_group):
+    from moge_ds.hf.families import HFModelError
+
+    tiny_model("qwen3_moe").save_pretrained(tmp_path / "qwen3")
+    tiny_model("mixtral").config.save_pretrained(tmp_path / "mixtral")
+    (tmp_path / "mixtral" / "model.safetensors").write_bytes((tmp_path / "qwen3" / "model.safetensors").read_bytes())
+    with pytest.raises(HFModelError, match="no weights for .* of the model's parameters"):
+        partitioned(tmp_path / "mixtral", monkeypatch)

@@ -142,3 +142,22 @@ def test_export_loads_with_from_pretrained_and_matches_the_engine(hf_workspace, 
     assert type(model).__name__ == "MixtralForCausalLM" and (exported / "model.safetensors").is_file()
     engine_metrics = json.loads((out / "metrics.json").read_text())["valid"]
     assert evaluate(exported, "valid", micro_batch=4)["loss"] == pytest.approx(engine_metrics["loss"], rel=1e-6)
+
+
+def test_partitioned_loading_gives_the_full_load_first_loss(hf_workspace):
+    """A pretrained Mixtral under ZeRO-3 is built as partitions and filled module by module, from its
+    per-expert (saved) layout or the fused one; its first loss equals ZeRO-2's, which loads it whole
+    with from_pretrained."""
+    from transformers import AutoModelForCausalLM, MixtralConfig
+
+    torch.manual_seed(0)
+    source = AutoModelForCausalLM.from_config(MixtralConfig(**SHAPE, num_local_experts=8, num_experts_per_tok=2))
+    source.save_pretrained(hf_workspace / "mixtral_per_expert")
+    source.save_pretrained(hf_workspace / "mixtral_fused", save_original_format=False)
+    first = {}
+    for layout, stage in [("per_expert", 2), ("per_expert", 3), ("fused", 3)]:
+        _, records = hf_train(hf_workspace, f"load_{layout}_zero{stage}", f"mixtral_{layout}", stage,
+                              "train.steps=1", "model.hf_init=pretrained", "train.final_eval=[]")
+        first[layout, stage] = records[0]["loss"]
+    assert first["per_expert", 3] == pytest.approx(first["per_expert", 2], rel=1e-6)
+    assert first["fused", 3] == pytest.approx(first["per_expert", 2], rel=1e-6)

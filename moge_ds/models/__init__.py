@@ -11,15 +11,17 @@ from moge_ds.models.vit import ViT
 __all__ = ["GPT", "ViT", "build_model"]
 
 
-def build_model(config: Config, vocab_size: int | None = None, ep_rank: int = 0) -> torch.nn.Module:
+def build_model(config: Config, vocab_size: int | None = None, ep_rank: int = 0,
+                ds: dict | None = None) -> torch.nn.Module:
     """The model ``config.model.kind`` names, MoE/MoGE FFNs where ``config.moe.placement`` says
-    (``hf``: the Hugging Face model, whose MoE blocks AutoEP replaces at ``deepspeed.initialize``).
+    (``hf``: the Hugging Face model, whose MoE blocks AutoEP replaces at ``deepspeed.initialize``; in
+    the training dtype of the ds_config ``ds`` and, under ZeRO-3, built and loaded as partitions).
 
     Non-expert weights come from ``config.train.seed``; experts from their global index
     (``ep_rank`` = this rank's place in its expert-parallel group), see ``init_experts``.
     """
     if config.model.kind == "hf":
-        return build_hf(config.model, config.train.seed)
+        return build_hf(config.model, config.train.seed, ds)
     torch.manual_seed(config.train.seed)
     sigma_steps = config.moe.sigma_steps or config.train.steps  # the schedule spans the run by default
     if config.model.kind == "gpt":
