@@ -32,7 +32,7 @@ data-deps:  ## the default corpus and images (Debian packages), installed if mis
 	    exit 2; fi; fi
 
 test: setup data-deps lint  ## the whole suite, 2-rank launches included
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q --durations=25 tests
 
 test-fast: setup  ## unit tests only
 	$(PY) -m pytest -q -m "not slow" tests
