@@ -242,9 +242,13 @@ class Trainer:
         engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=param_groups, config=self.ds_config)
         set_timeout_of_every_group(timedelta(seconds=config.train.dist_timeout_s))
         if self.rank == 0:
-            log.info("model %s: %.2fM parameters on this rank; %d ranks, ep_size %d, gs_weight %g, %d steps",
+            log.info("model %s: %.2fM parameters; %d ranks, ep_size %d, gs_weight %g, %d steps",
                      config.model.kind, parameters / 1e6, self.world,
                      config.moe.ep_size, config.moe.gs_weight, config.train.steps)
+            if config.model.kind == "hf" and not self.ds_config.get("expert_parallel", {}).get("enabled"):
+                log.info("the experts are not split over ranks: DeepSpeed AutoEP has no preset for this model type, "
+                         "so it trains under plain ZeRO-%d data parallelism",
+                         self.ds_config.get("zero_optimization", {}).get("stage", 0))
         return engine
 
     def _find_resume_tag(self) -> str | None:

@@ -33,14 +33,17 @@ def test_ds_configs_parse_with_deepspeed(path, tmp_path):
     assert "_comment" in json.loads(path.read_text()), "every shipped ds_config says what it is for"
     ds = load_ds_config(str(path))
     autoep = "expert_parallel" in ds
+    stage = ds.get("zero_optimization", {}).get("stage", 0)
+    # ZeRO-3 without AutoEP is for Hugging Face MoEs without a preset (OLMoE), native MoE otherwise.
+    model = f"model.hf_path={REPO / 'configs/hf/olmoe_tiny'}" if stage == 3 and not autoep else "moe.ep_size=1"
     # One process: DeepSpeedConfig reads the world size from torch.distributed (1 when not launched).
-    config = preset_config(REPO / "configs" / ("mixtral_tiny.yaml" if autoep else "gpt_tiny.yaml"),
-                           "moe.ep_size=1")
+    config = preset_config(REPO / "configs" / ("mixtral_tiny.yaml" if autoep or stage == 3 else "gpt_tiny.yaml"),
+                           model)
     ds["expert_parallel"] = {**ds.get("expert_parallel", {}), "autoep_size": 1} if autoep else None
     ds = validate(config, {k: v for k, v in ds.items() if v is not None}, world_size=1)
     parsed = DeepSpeedConfig(ds)
     assert parsed.train_batch_size == ds["train_micro_batch_size_per_gpu"] * ds["gradient_accumulation_steps"]
-    assert parsed.zero_optimization_stage in ((2, 3) if autoep else (1, 2))
+    assert parsed.zero_optimization_stage in ((2, 3) if autoep else (3, ) if stage == 3 else (1, 2))
 
 
 @pytest.mark.parametrize("path", PRESETS, ids=lambda p: p.name)
@@ -75,6 +78,10 @@ def autoep_ds(**autoep):
     (("model.hf_init=pretrained", ), autoep_ds(), 2, "model.hf_init is 'pretrained' but .* holds no weights"),
     (("model.seq_length=1024", ), autoep_ds(), 2, "model.seq_length 1024 exceeds .* max_position_embeddings 512"),
     (("moe.map_shape=[3,5]", ), autoep_ds(), 2, r"map_shape \(3, 5\) does not fit 16 experts"),
+    ((f"model.hf_path={REPO / 'configs/hf/olmoe_tiny'}", ), autoep_ds(), 2,
+     "'olmoe' has no DeepSpeed AutoEP preset, so its experts cannot be split over ranks: remove expert_parallel"),
+    ((f"model.hf_path={REPO / 'configs/hf/olmoe_tiny'}", "moe.ep_size=2"),
+     load_ds_config(str(REPO / "ds_configs/zero3_cpu.json")), 2, "moe.ep_size 2: model type 'olmoe' has no DeepSpeed"),
 ])
 def test_hf_validation_errors(overrides, ds, world, message):
     with pytest.raises(ConfigError, match=message):
@@ -86,8 +93,8 @@ def test_hf_model_without_autoep_preset(tmp_path):
 
     LlamaConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2).save_pretrained(tmp_path)
     config = load_config(str(REPO / "configs/mixtral_tiny.yaml"), (f"model.hf_path={tmp_path}", ))
-    with pytest.raises(ConfigError, match=r"model type 'llama' has no DeepSpeed AutoEP preset; the supported types "
-                       r"are \[.*'mixtral'.*'qwen3_moe'"):
+    with pytest.raises(ConfigError, match=r"model type 'llama' has no DeepSpeed AutoEP preset and its config names no "
+                       r"routed experts .* the supported types are \[.*'mixtral'.*'qwen3_moe'"):
         validate(config, autoep_ds(), 2)
 
 

@@ -163,7 +163,7 @@ def test_router_hooks_keep_the_first_call_and_leave_no_hook_behind():
 
     model, x = TwiceRouted(), torch.randn(3, 4)
     fam = Family("toy", "toy", num_experts=8, top_k=2, score_func="softmax",
-                 moe_layer_pattern=r"model\.layers\.\d+\.mlp", router_name="gate")
+                 moe_layer_pattern=r"model\.layers\.\d+\.mlp", router_names=("gate", ))
     with RouterLogits(model, fam) as routers:
         model(x)
     assert len(routers.logits) == 1 and torch.equal(routers.logits[0], model.model.layers[0].mlp.gate(x))

@@ -1,6 +1,7 @@
-"""Every Hugging Face MoE family with a DeepSpeed AutoEP preset, from its tiny config under configs/hf/:
+"""Every Hugging Face MoE family, from its tiny config under configs/hf/ (AutoEP presets, and OLMoE and
+GPT-OSS, which have none and train under plain ZeRO-3):
 router logits by hooks against the model's own, the loss at gs_weight 0 against the model's own, the
-sigmoid routers' map values against a float64 reference, and (2 real CPU ranks, AutoEP) the engine's
+sigmoid routers' map values against a float64 reference, and (2 real CPU ranks) the engine's
 first loss against plain HF's on the same weights and a falling loss with MoGE on.
 
 Run as ``python -m tests.test_hf_families --families ...`` by the deepspeed launcher, this module is
@@ -24,8 +25,10 @@ from tests.reference import reference_loss
 
 FAMILIES = {"mixtral": "mixtral_tiny", "qwen2_moe": "qwen2_moe_tiny", "qwen3_moe": "qwen3_moe_tiny",
             "qwen3_5_moe": "qwen3_5_moe_tiny", "deepseek_v2": "deepseek_v2_tiny",
-            "deepseek_v3": "deepseek_v3_tiny", "minimax_m3": "minimax_m3_tiny"}
+            "deepseek_v3": "deepseek_v3_tiny", "minimax_m3": "minimax_m3_tiny", "olmoe": "olmoe_tiny",
+            "gpt_oss": "gpt_oss_tiny"}
 SIGMOID = ("deepseek_v3", "minimax_m3")
+NO_PRESET = ("olmoe", "gpt_oss")  # plain ZeRO-3, experts not split
 STEPS = 3
 
 
@@ -73,10 +76,12 @@ def test_hooked_logits_are_the_routers_own(name):
         out = own_forward(model, batch)
     for handle in handles:
         handle.remove()
-    expected_layers = sum(1 for layer in model.model.layers if hasattr(layer.mlp, "gate"))
+    expected_layers = sum(1 for layer in model.model.layers if any(hasattr(layer.mlp, n) for n in ("gate", "router")))
     assert len(routers.logits) == len(inputs) == expected_layers >= 3
     for logits, x, router in zip(routers.logits, inputs, routers.routers):
         reference = x.reshape(-1, x.shape[-1]).double() @ router.weight.double().T
+        if getattr(router, "bias", None) is not None:  # GPT-OSS
+            reference = reference + router.bias.double()
         assert (logits.double() - reference).abs().max() < 1e-6
     if getattr(out, "router_logits", None) is not None:
         assert all(torch.equal(a, b) for a, b in zip(routers.logits, out.router_logits))
@@ -125,11 +130,15 @@ def test_sigmoid_map_values_against_float64():
     assert term.item() == pytest.approx(reference_loss(expected, (4, 4), 3, 1.5, 1, "circular", "mean"), rel=1e-6)
 
 
+def ds_config_file(name: str, stage: int) -> str:
+    return str(REPO / "ds_configs" / (f"zero{stage}_cpu.json" if name in NO_PRESET else f"autoep_zero{stage}_cpu.json"))
+
+
 @pytest.mark.parametrize("name", FAMILIES)
 def test_shipped_config_validates_and_fills_the_expert_layout(name):
     config = load_config(str(REPO / "configs/mixtral_tiny.yaml"), (f"model.hf_path={config_dir(name)}", ))
-    validate(config, load_ds_config(str(REPO / "ds_configs/autoep_zero3_cpu.json")), 2)
-    assert (config.moe.num_experts, config.moe.top_k, config.moe.ep_size) == (16, 2, 2)
+    validate(config, load_ds_config(ds_config_file(name, 3)), 2)
+    assert (config.moe.num_experts, config.moe.top_k, config.moe.ep_size) == (16, 2, 1 if name in NO_PRESET else 2)
     assert family(read_config(config_dir(name))).score_func == ("sigmoid" if name in SIGMOID else "softmax")
 
 
@@ -145,14 +154,16 @@ def test_full_vision_language_configs_are_refused_with_the_text_backbone_named(t
 
 # --- 2 ranks ---------------------------------------------------------------------------------------------
 
-# ZeRO stage per family: both stages covered, ZeRO-3 on the sigmoid routers' correction bias.
+# ZeRO stage per family: both stages covered, ZeRO-3 on the sigmoid routers' correction bias and on the
+# families without a preset (plain ZeRO-3 is what they are for).
 STAGES = {"mixtral": 3, "qwen2_moe": 2, "qwen3_moe": 2, "qwen3_5_moe": 2, "deepseek_v2": 2, "deepseek_v3": 3,
-          "minimax_m3": 3}
+          "minimax_m3": 3, "olmoe": 3, "gpt_oss": 3}
 
 
 @pytest.fixture(scope="module")
 def autoep_results(tmp_path_factory):
-    """One 2-rank launch (autoep_size 2) for all families: ``{family: [rank 0's, rank 1's results]}``."""
+    """One 2-rank launch (autoep_size 2; plain ZeRO-3 without a preset) for all families:
+    ``{family: [rank 0's, rank 1's results]}``."""
     out = tmp_path_factory.mktemp("autoep")
     launch_deepspeed(["--module", "tests.test_hf_families", "--families", *FAMILIES, "--out", str(out)], cwd=REPO,
                      timeout=600)
@@ -200,7 +211,7 @@ def train_family(name: str) -> dict:
     config = load_config(str(REPO / "configs/mixtral_tiny.yaml"),
                          (f"model.hf_path={config_dir(name)}", "model.hf_init=random", "moe.gs_weight=4.0",
                           "moe.padding=circular"))
-    ds = load_ds_config(str(REPO / f"ds_configs/autoep_zero{STAGES[name]}_cpu.json"))
+    ds = load_ds_config(ds_config_file(name, STAGES[name]))
     ds.pop("csv_monitor")
     ds.pop("scheduler")
     ds["train_micro_batch_size_per_gpu"] = 2

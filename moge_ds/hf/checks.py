@@ -30,9 +30,23 @@ def check_hf(config: Config, ds: dict, world_size: int) -> None:
         raise HFModelError("model.kind hf needs model.hf_path: a local directory holding the model's config.json")
     hf_config = read_config(model.hf_path)
     fam = family(hf_config)
-    _check_autoep(fam, autoep, world_size, moe.ep_size)
+    if fam.preset is None:
+        _check_plain_zero(fam, autoep, moe.ep_size)
+    else:
+        _check_autoep(fam, autoep, world_size, moe.ep_size)
     _check_model_directory(config, hf_config)
     moe.num_experts, moe.top_k, moe.ep_size = fam.num_experts, fam.top_k, autoep.get("autoep_size", 1)
+
+
+def _check_plain_zero(fam: Family, autoep: dict, ep_size: int) -> None:
+    """A family without an AutoEP preset trains under plain ZeRO: no expert_parallel, no ep_size."""
+    if autoep.get("enabled"):
+        raise HFModelError(f"model type {fam.model_type!r} has no DeepSpeed AutoEP preset, so its experts cannot be "
+                           f"split over ranks: remove expert_parallel from the ds_config to train it under plain "
+                           f"ZeRO data parallelism (e.g. ds_configs/zero3_bf16.json)")
+    if ep_size != 1:
+        raise HFModelError(f"moe.ep_size {ep_size}: model type {fam.model_type!r} has no DeepSpeed AutoEP preset, "
+                           f"so its experts are not split over ranks; leave moe.ep_size at 1")
 
 
 def _check_autoep(fam: Family, autoep: dict, world_size: int, ep_size: int) -> None:

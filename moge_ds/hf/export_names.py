@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from moge_ds.hf.families import HFModelError, autoep_preset_name
+from moge_ds.hf.families import HFModelError, autoep_preset_name, family
 
 
 def hf_state_dict(autoep_weights: dict[str, torch.Tensor], hf_config) -> dict[str, torch.Tensor]:
@@ -15,10 +15,13 @@ def hf_state_dict(autoep_weights: dict[str, torch.Tensor], hf_config) -> dict[st
     MiniMax-M3's ``e_score_correction_bias``) as ``<mlp>.router.<buffer>``, which HF keeps on
     ``<mlp>.<gate>``; each fused ``gate_up_proj [E, 2F, H]`` as ``w1`` (gate) and ``w3`` (up), each
     ``[E, F, H]``; ``down_proj [E, H, F]`` is ``w2``. Every preset here stores experts fused this way
-    ("fused_3d"); other layouts are refused.
+    ("fused_3d"); other layouts are refused. A family without a preset trained without AutoEP: its
+    names are already Hugging Face's.
     """
     from deepspeed.module_inject.auto_ep_presets.registry import get_preset
 
+    if family(hf_config).preset is None:
+        return dict(autoep_weights)
     preset = get_preset(autoep_preset_name(hf_config))
     if preset.expert_storage != "fused_3d" or preset.expert_w3 is not None:
         raise HFModelError(f"exporting AutoEP preset {preset.preset_adapter!r} ({preset.expert_storage} experts) to "

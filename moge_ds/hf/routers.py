@@ -24,8 +24,9 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
 
 def router_modules(model: torch.nn.Module, fam: Family) -> list[torch.nn.Module]:
     """Each MoE layer's router, in layer order: AutoEP's ``router.gate`` linear (returns the logits)
-    or HF's router (``mlp.gate``; returns ``(logits, weights, indices)``). Dense layers that share the
-    MoE blocks' name (DeepSeek's first layers, Qwen's ``mlp_only_layers``) have no router and are skipped."""
+    or HF's router (``mlp.gate``, GPT-OSS ``mlp.router``; returns ``(logits, weights, indices)``). Dense
+    layers that share the MoE blocks' name (DeepSeek's first layers, Qwen's ``mlp_only_layers``) have no
+    router and are skipped."""
     from deepspeed.module_inject.auto_ep_layer import AutoEPMoELayer
 
     pattern = re.compile(fam.moe_layer_pattern)
@@ -35,12 +36,12 @@ def router_modules(model: torch.nn.Module, fam: Family) -> list[torch.nn.Module]
             continue
         if isinstance(block, AutoEPMoELayer):
             routers.append(block.router.gate)
-        elif hasattr(block, fam.router_name):
-            routers.append(getattr(block, fam.router_name))
+        elif (attr := next((n for n in fam.router_names if hasattr(block, n)), None)) is not None:
+            routers.append(getattr(block, attr))
     if not routers:
         raise HFModelError(f"model type {fam.model_type!r}: no MoE router found (no module matching "
-                           f"{fam.moe_layer_pattern!r} with a {fam.router_name!r} router); moge-ds needs the layout "
-                           f"of DeepSpeed AutoEP's {fam.preset!r} preset")
+                           f"{fam.moe_layer_pattern!r} with a router named {' or '.join(fam.router_names)}); moge-ds "
+                           f"needs Hugging Face's MoE layout (model.layers.N.mlp.gate)")
     return routers
 
 
