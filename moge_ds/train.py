@@ -37,6 +37,7 @@ from moge_ds.config import Config, ConfigError, check_ranges, load_config, load_
 from moge_ds.data.documents import DataError
 from moge_ds.distributed import collective_device, init_job, set_timeout_of_every_group
 from moge_ds.export import init_from_export
+from moge_ds.hf.families import HFModelError
 from moge_ds.models import build_model
 from moge_ds.monitor import RunLog, gate_terms, gather_expert_load, plot_loss_curve, read_history
 from moge_ds.tasks import build_task
@@ -228,7 +229,10 @@ class Trainer:
         ``init_from`` (a fresh start) and one is given."""
         config = self.config
         ep_rank = self.rank % config.moe.ep_size
-        model = build_model(config, getattr(self.task, "vocab_size", None), ep_rank=ep_rank, ds=self.ds_config)
+        try:
+            model = build_model(config, getattr(self.task, "vocab_size", None), ep_rank=ep_rank, ds=self.ds_config)
+        except HFModelError as err:  # a pretrained checkpoint that is not this model's: every rank finds it
+            raise InputError("model.hf_path", err) from None
         if init_from and config.model.init_from:
             try:
                 init_from_export(model, Path(config.model.init_from), ep_rank, config.moe.ep_size)

@@ -167,3 +167,17 @@ def test_missing_files():
         load_config("nope.yaml")
     with pytest.raises(ConfigError, match="ds_config 'nope.json' does not exist"):
         load_ds_config("nope.json")
+
+
+def test_hf_bin_weights_are_refused_under_zero3_only(tmp_path):
+    """ZeRO-3 loads pretrained weights partitioned from safetensors; .bin weights are refused before
+    any build, with the conversion to do, and still load under ZeRO-2 (from_pretrained)."""
+    import shutil
+
+    shutil.copy(REPO / "configs/hf/mixtral_tiny/config.json", tmp_path / "config.json")
+    (tmp_path / "pytorch_model.bin").write_bytes(b"")
+    config = load_config(str(REPO / "configs/mixtral_tiny.yaml"),
+                         (f"model.hf_path={tmp_path}", "model.hf_init=pretrained"))
+    with pytest.raises(ConfigError, match=r"holds .bin weights, but under ZeRO-3 .* safetensors only .* convert them"):
+        validate(config, autoep_ds(), 2)
+    validate(config, load_ds_config(str(REPO / "ds_configs/autoep_zero2_cpu.json")), 2)

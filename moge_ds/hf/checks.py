@@ -8,7 +8,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from moge_ds.hf.families import Family, HFModelError, family, read_config
-from moge_ds.hf.loading import WEIGHT_FILES, has_weights
+from moge_ds.hf.loading import SAFETENSORS_FILES, WEIGHT_FILES, has_weights
 
 if TYPE_CHECKING:
     from moge_ds.config import Config
@@ -34,7 +34,7 @@ def check_hf(config: Config, ds: dict, world_size: int) -> None:
         _check_plain_zero(fam, autoep, moe.ep_size)
     else:
         _check_autoep(fam, autoep, world_size, moe.ep_size)
-    _check_model_directory(config, hf_config)
+    _check_model_directory(config, hf_config, ds.get("zero_optimization", {}).get("stage", 0))
     moe.num_experts, moe.top_k, moe.ep_size = fam.num_experts, fam.top_k, autoep.get("autoep_size", 1)
 
 
@@ -68,12 +68,17 @@ def _check_autoep(fam: Family, autoep: dict, world_size: int, ep_size: int) -> N
                            f"expert_parallel.autoep_size ({size}) in the ds_config")
 
 
-def _check_model_directory(config: Config, hf_config) -> None:
-    """The weights a "pretrained" run loads exist; the sequence fits the model's positions."""
+def _check_model_directory(config: Config, hf_config, zero_stage: int) -> None:
+    """The weights a "pretrained" run loads exist (safetensors under ZeRO-3, which loads them partitioned);
+    the sequence fits the model's positions."""
     model = config.model
     if model.hf_init == "pretrained" and not has_weights(model.hf_path):
         raise HFModelError(f"model.hf_init is 'pretrained' but {model.hf_path} holds no weights (none of "
                            f"{list(WEIGHT_FILES)}): add them, or set model.hf_init=random to pre-train")
+    if model.hf_init == "pretrained" and zero_stage == 3 and not has_weights(model.hf_path, SAFETENSORS_FILES):
+        raise HFModelError(f"{model.hf_path} holds .bin weights, but under ZeRO-3 moge-ds loads pretrained models "
+                           f"partitioned from safetensors only ({list(SAFETENSORS_FILES)}): convert them once with "
+                           f"from_pretrained(...).save_pretrained(dir), or use ZeRO-1/2")
     positions = getattr(hf_config, "max_position_embeddings", None)
     if positions is not None and model.seq_length > positions:
         raise HFModelError(f"model.seq_length {model.seq_length} exceeds the model's max_position_embeddings "

@@ -26,12 +26,12 @@ if TYPE_CHECKING:
     from moge_ds.config import ModelConfig
 
 # What from_pretrained reads weights from; one of them must be in a "pretrained" model directory.
-WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
-                "pytorch_model.bin.index.json")
+SAFETENSORS_FILES = ("model.safetensors", "model.safetensors.index.json")
+WEIGHT_FILES = (*SAFETENSORS_FILES, "pytorch_model.bin", "pytorch_model.bin.index.json")
 
 
-def has_weights(path: str) -> bool:
-    return any((Path(path) / name).is_file() for name in WEIGHT_FILES)
+def has_weights(path: str, files: tuple[str, ...] = WEIGHT_FILES) -> bool:
+    return any((Path(path) / name).is_file() for name in files)
 
 
 def training_dtype(ds: dict) -> torch.dtype:
@@ -150,11 +150,7 @@ def _safetensors_files(root: Path) -> dict[str, str]:
     index = root / "model.safetensors.index.json"
     if index.is_file():
         return json.loads(index.read_text())["weight_map"]
-    single = root / "model.safetensors"
-    if not single.is_file():
-        raise HFModelError(f"{root} holds no safetensors weights (model.safetensors or its index): moge-ds loads "
-                           f"pretrained models under ZeRO-3 from safetensors only; convert .bin weights with "
-                           f"save_pretrained(safe_serialization=True)")
+    single = root / "model.safetensors"  # start-up checks made sure one of the two is there
     with safe_open(single, framework="pt") as f:
         return {key: single.name for key in f.keys()}
 
