@@ -54,6 +54,9 @@ class MoEConfig:
     sigma_min: float = 1.0
     sigma_gamma: float = 0.2
     sigma_steps: Optional[int] = None  # length of the sigma schedule; default: train.steps
+    # Auxiliary-loss-free balancing of routers with a correction bias (hf: DeepSeek-V3, MiniMax-M3): each
+    # expert's e_score_correction_bias moves by this much per optimizer step against its load. 0 = off.
+    bias_update_rate: float = 0.0
 
 
 @dataclass
@@ -383,6 +386,7 @@ _LOWER_BOUNDS = {"model.dim": 1, "model.depth": 1, "model.heads": 1, "model.seq_
                  "model.patch_size": 1, "model.channels": 1, "model.num_classes": 2, "model.mlp_ratio": 0,
                  "model.dropout": 0, "moe.num_experts": 1, "moe.capacity_factor": 0, "moe.eval_capacity_factor": 0,
                  "moe.min_capacity": 0, "moe.aux_loss_weight": 0, "moe.gs_weight": 0, "moe.sigma_steps": 1,
+                 "moe.bias_update_rate": 0,
                  "train.steps": 1, "train.eval_interval": 0, "train.eval_batches": 1, "train.save_interval": 0,
                  "train.keep_last": 0, "train.log_interval": 1, "train.exit_after_steps": 0, "train.dist_timeout_s": 1}
 

@@ -22,8 +22,11 @@ from moge_ds.data.text import build_text_splits, lm_batch, one_epoch_samples
 from moge_ds.data.tokenizer import load_tokenizer
 from moge_ds.distributed import collective_device
 from moge_ds.gate import set_sigma_step
+from moge_ds.hf.balance import CorrectionBiasBalancer
+from moge_ds.hf.families import family
 from moge_ds.hf.families import read_config as read_hf_config
 from moge_ds.hf.loss import RoutingRecord, causal_lm_loss
+from moge_ds.hf.routers import unwrap
 from moge_ds.monitor import neighbour_terms, reduce_expert_counts
 from moge_ds.topographic import PoolingCache, SigmaSchedule, default_map_shape
 
@@ -45,6 +48,10 @@ class Task:
     def evaluate(self, model, split: str, batches: int | None) -> dict[str, float]:
         """Metrics on ``batches`` micro-batches per rank of ``split`` ("valid"/"test"); None: all of it."""
         raise NotImplementedError
+
+    def after_step(self) -> None:
+        """Called on every rank after each optimizer step (a collective where a task balances its
+        routers: a Hugging Face model's correction bias)."""
 
     def routing_terms(self) -> dict[str, float]:
         """The last micro-batch's routing diagnostics that the task itself records (a Hugging Face
@@ -226,13 +233,20 @@ class HFLanguageModelling(LanguageModelling):
                                    moe.sigma_gamma)
         self.routing: RoutingRecord | None = None  # the last training micro-batch's
         self.pooling = PoolingCache()
+        self.balancer: CorrectionBiasBalancer | None = None  # made at the first training forward (AutoEP's routers)
 
     def logits(self, model, tokens):
         return model(input_ids=tokens).logits
 
     def loss(self, model, batch, step):
+        if self.moe.bias_update_rate > 0 and self.balancer is None:
+            self.balancer = CorrectionBiasBalancer(model, family(unwrap(model).config), self.moe.bias_update_rate)
         hf_loss, l_aux, self.routing = causal_lm_loss(model, batch, self.moe, self.sigma.value(step), self.pooling)
         return hf_loss, l_aux, batch["tokens"].numel()
+
+    def after_step(self) -> None:
+        if self.balancer is not None:
+            self.balancer.step()
 
     def routing_terms(self) -> dict[str, float]:
         """As the native gates log them: sigma, MoGE's term (mean per layer, unweighted; MoGE only), the noise-free

@@ -287,6 +287,7 @@ class Trainer:
             task_loss_sum = task_loss_sum + task_loss.detach()
             aux_sum = aux_sum + l_aux.detach()
             self.run_log.count(items)
+        self.task.after_step()
         self.step += 1
         return {"task_loss": task_loss_sum / self.accum, "l_aux": aux_sum / self.accum}
 

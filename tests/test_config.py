@@ -80,6 +80,9 @@ def autoep_ds(**autoep):
     (("moe.map_shape=[3,5]", ), autoep_ds(), 2, r"map_shape \(3, 5\) does not fit 16 experts"),
     ((f"model.hf_path={REPO / 'configs/hf/olmoe_tiny'}", ), autoep_ds(), 2,
      "'olmoe' has no DeepSpeed AutoEP preset, so its experts cannot be split over ranks: remove expert_parallel"),
+    (("moe.bias_update_rate=0.001", ), autoep_ds(), 2,
+     r"moe.bias_update_rate 0.001: model type 'mixtral' routes with no correction bias to move"),
+    (("model.kind=gpt", "moe.bias_update_rate=0.001"), cpu_ds(), 2, "gpt routers have none: leave it at 0"),
     ((f"model.hf_path={REPO / 'configs/hf/olmoe_tiny'}", "moe.ep_size=2"),
      load_ds_config(str(REPO / "ds_configs/zero3_cpu.json")), 2, "moe.ep_size 2: model type 'olmoe' has no DeepSpeed"),
 ])

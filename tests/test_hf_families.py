@@ -152,6 +152,52 @@ def test_full_vision_language_configs_are_refused_with_the_text_backbone_named(t
         validate(config, load_ds_config(str(REPO / "ds_configs/autoep_zero3_cpu.json")), 2)
 
 
+def test_correction_bias_moves_against_the_load_the_models_own_routing_chose(monkeypatch, process_group):
+    """Auxiliary-loss-free balancing on a one-rank AutoEP engine, per sigmoid family (in one process
+    group: DeepSpeed caches its expert groups per process): the loads it counts are those of the plain
+    model's own router (bias and group limits included) on the same batch, and each bias moves by
+    exactly the rate against its load; evaluation forwards are not counted."""
+    monkeypatch.setenv("LOCAL_RANK", "0")  # deepspeed.initialize asks for it; no launcher here
+    for name in SIGMOID:
+        check_balancer(name)
+
+
+def check_balancer(name: str) -> None:
+    import deepspeed
+
+    from moge_ds.hf.balance import CorrectionBiasBalancer
+
+    model = copy.deepcopy(build(name))
+    with torch.no_grad():
+        for module in model.modules():
+            if hasattr(module, "e_score_correction_bias"):
+                module.e_score_correction_bias.normal_(0, 0.05, generator=torch.Generator().manual_seed(2))
+    plain = copy.deepcopy(model)
+    ds = {"train_micro_batch_size_per_gpu": 2, "train_batch_size": 2, "expert_parallel": {"enabled": True}}
+    engine, *_ = deepspeed.initialize(model=model, model_parameters=list(model.parameters()), config=ds)
+    fam = family(model.config)
+    balancer = CorrectionBiasBalancer(engine, fam, rate=0.01)
+    before = [b.clone() for b in balancer.biases]
+    tokens = lm_batch(model.config.vocab_size)["tokens"]
+    engine.eval()
+    engine(input_ids=tokens)
+    engine.train()
+    engine(input_ids=tokens)
+    loads = balancer.step()
+    chosen = []  # the plain model's own choice per MoE layer, [T, k]
+    handles = [router.register_forward_hook(lambda m, i, out: chosen.append(out[2]))
+               for router in RouterLogits(plain, fam).routers]
+    plain(input_ids=tokens)
+    for handle in handles:
+        handle.remove()
+    expected = torch.stack([torch.bincount(c.flatten(), minlength=fam.num_experts) for c in chosen]).double()
+    assert torch.equal(loads, expected)
+    for bias, old, load in zip(balancer.biases, before, expected):
+        assert torch.allclose(bias - old, 0.01 * torch.sign(load.mean() - load).float(), atol=1e-7)
+    assert all(torch.equal(r.e_score_correction_bias, b) for r, b in zip(balancer.routers, balancer.biases))
+    balancer.close()
+
+
 # --- 2 ranks ---------------------------------------------------------------------------------------------
 
 # ZeRO stage per family: both stages covered, ZeRO-3 on the sigmoid routers' correction bias and on the

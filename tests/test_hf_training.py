@@ -109,10 +109,12 @@ def test_universal_checkpoint_resumes_into_another_autoep_size(hf_workspace, mog
     assert losses(resumed) == pytest.approx(expected, rel=after_first)
 
 
-def test_deepseek_v3_export_keeps_its_correction_bias(hf_workspace, tmp_path):
+def test_deepseek_v3_balances_and_exports_its_correction_bias(hf_workspace, tmp_path):
     """DeepSeek-V3's router bias is a buffer, which a Universal Checkpoint leaves out: the export takes
     it from the model states. Trained from pretrained weights with a non-zero bias (it steers which
-    experts a token gets, so a lost bias changes the loss), the export scores as the engine did."""
+    experts a token gets, so a lost bias changes the loss) and auxiliary-loss-free balancing at rate
+    0.01 for 2 steps, every bias moved by a whole number of steps (at most 2), the same on both ranks
+    (the export, rank 0's bias, scores as the 2-rank engine did)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     config = AutoConfig.from_pretrained(REPO / "configs/hf/deepseek_v3_tiny")
@@ -123,10 +125,12 @@ def test_deepseek_v3_export_keeps_its_correction_bias(hf_workspace, tmp_path):
         buf.copy_(torch.randn(buf.shape) * 0.5)
     model.save_pretrained(hf_workspace / "deepseek_v3_pretrained")
     out, _ = hf_train(hf_workspace, "deepseek_v3_moge", "deepseek_v3_pretrained", 3, "train.steps=2",
-                      "model.hf_init=pretrained")
+                      "model.hf_init=pretrained", "moe.bias_update_rate=0.01")
     exported = export(out / "checkpoints", tmp_path / "export")
     reloaded = dict(AutoModelForCausalLM.from_pretrained(exported, local_files_only=True).named_buffers())
-    assert biases and all(torch.equal(reloaded[name], buf) for name, buf in biases.items())
+    steps = torch.cat([(reloaded[name] - buf) / 0.01 for name, buf in biases.items()])
+    assert biases and torch.allclose(steps, steps.round(), atol=1e-4) and steps.abs().max() <= 2 + 1e-4
+    assert (steps.round() != 0).any()
     engine_metrics = json.loads((out / "metrics.json").read_text())["valid"]
     assert evaluate(exported, "valid", micro_batch=4)["loss"] == pytest.approx(engine_metrics["loss"], rel=1e-6)
 

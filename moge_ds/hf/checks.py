@@ -21,6 +21,10 @@ def check_hf(config: Config, ds: dict, world_size: int) -> None:
     model, moe = config.model, config.moe
     autoep = ds.get("expert_parallel") or {}
     if model.kind != "hf":
+        if moe.bias_update_rate > 0:
+            raise HFModelError(f"moe.bias_update_rate {moe.bias_update_rate} moves the correction bias of Hugging Face "
+                               f"routers that have one (DeepSeek-V3, MiniMax-M3); {model.kind} routers have none: "
+                               f"leave it at 0")
         if autoep.get("enabled"):
             raise HFModelError("the ds_config enables expert_parallel (DeepSpeed AutoEP), which replaces the MoE "
                                "blocks of Hugging Face models: use model.kind hf, or remove it (gpt/vit set "
@@ -35,6 +39,10 @@ def check_hf(config: Config, ds: dict, world_size: int) -> None:
     else:
         _check_autoep(fam, autoep, world_size, moe.ep_size)
     _check_model_directory(config, hf_config, ds.get("zero_optimization", {}).get("stage", 0))
+    if moe.bias_update_rate > 0 and (fam.score_func != "sigmoid" or fam.preset is None):
+        raise HFModelError(f"moe.bias_update_rate {moe.bias_update_rate}: model type {fam.model_type!r} routes with "
+                           f"no correction bias to move (only the sigmoid routers of DeepSeek-V3 and MiniMax-M3 "
+                           f"under AutoEP have one): leave it at 0")
     moe.num_experts, moe.top_k, moe.ep_size = fam.num_experts, fam.top_k, autoep.get("autoep_size", 1)
 
 
