@@ -152,6 +152,35 @@ def test_full_vision_language_configs_are_refused_with_the_text_backbone_named(t
         validate(config, load_ds_config(str(REPO / "ds_configs/autoep_zero3_cpu.json")), 2)
 
 
+@pytest.mark.parametrize("name", FAMILIES)
+def test_analysis_captures_every_familys_map_values_choices_and_experts(name):
+    """moge_ds.analysis on a Hugging Face model: per MoE layer the map values of the hooked raw logits
+    (float64 reference), the router's own top-k choice, and each expert as a function of its tokens."""
+    from moge_ds.analysis.report import expert_functions
+    from moge_ds.analysis.routing import capture_routing
+
+    model = build(name)
+    fam = family(model.config)
+    tokens = lm_batch(model.config.vocab_size)["tokens"]
+    routing = capture_routing(model, [tokens])
+    with RouterLogits(model, fam) as routers:
+        model(input_ids=tokens)
+    assert len(routing) == len(routers.logits) >= 3
+    for layer, logits in zip(routing, routers.logits):
+        assert (layer.scores.double() - reference_map_values(logits, name)).abs().max() < 1e-6
+        assert layer.topk.shape == (tokens.numel(), fam.top_k) and not layer.dropped.any()
+        if name not in SIGMOID:  # a softmax router picks its top-k scores (sigmoid ones steer by their bias)
+            assert torch.equal(layer.topk.sort(-1).values, layer.scores.topk(fam.top_k).indices.sort(-1).values)
+    experts = expert_functions(model)
+    assert [len(layer) for layer in experts] == [fam.num_experts] * len(routing)
+    outputs = torch.stack([expert(routing[0].inputs) for expert in experts[0]])
+    assert outputs.shape == (fam.num_experts, *routing[0].inputs.shape) and outputs.isfinite().all()
+    if name == "mixtral":  # SwiGLU by hand from the fused weights
+        block, x = model.model.layers[0].mlp.experts, routing[0].inputs
+        gate, up = (x @ block.gate_up_proj[3].T).chunk(2, dim=-1)
+        assert torch.allclose(outputs[3], (torch.nn.functional.silu(gate) * up) @ block.down_proj[3].T, atol=1e-5)
+
+
 def test_correction_bias_moves_against_the_load_the_models_own_routing_chose(monkeypatch, process_group):
     """Auxiliary-loss-free balancing on a one-rank AutoEP engine, per sigmoid family (in one process
     group: DeepSpeed caches its expert groups per process): the loads it counts are those of the plain

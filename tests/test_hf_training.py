@@ -7,8 +7,10 @@ import shutil
 import pytest
 import torch
 
+from moge_ds.analysis.report import analyse
 from moge_ds.checkpoint import tag_for
 from moge_ds.config import load_ds_config
+from moge_ds.distributed import single_process_group
 from moge_ds.evaluate import evaluate
 from moge_ds.export import export
 from moge_ds.universal import convert
@@ -146,6 +148,11 @@ def test_export_loads_with_from_pretrained_and_matches_the_engine(hf_workspace, 
     assert type(model).__name__ == "MixtralForCausalLM" and (exported / "model.safetensors").is_file()
     engine_metrics = json.loads((out / "metrics.json").read_text())["valid"]
     assert evaluate(exported, "valid", micro_batch=4)["loss"] == pytest.approx(engine_metrics["loss"], rel=1e-6)
+    with single_process_group():
+        report = analyse(exported, hf_workspace / "mixtral_analysis", probe=256)
+    assert len(report["layers"]) == 2 and (hf_workspace / "mixtral_analysis" / "topographic_maps.png").is_file()
+    for layer in report["layers"]:
+        assert sum(layer["fraction"]) == pytest.approx(1.0) and 0 <= layer["top2_map_neighbour_rate"] <= 1
 
 
 def test_partitioned_loading_gives_the_full_load_first_loss(hf_workspace):

@@ -29,6 +29,8 @@ from moge_ds.data.documents import DataError
 from moge_ds.data.images import normalize, rotate, shift
 from moge_ds.distributed import single_process_group
 from moge_ds.export import load_export
+from moge_ds.hf.families import family
+from moge_ds.hf.routers import is_hf_model, moe_blocks
 from moge_ds.topographic import default_map_shape
 
 TOKEN_TYPES = ("word start", "word piece", "digit", "punctuation", "whitespace")
@@ -66,8 +68,7 @@ def _text_probe(config, size: int):
                              device=torch.device("cpu"))
     batches = max(1, size // (8 * config.model.seq_length))
     tokens = torch.cat([task.batch(task.splits.test, b * 8)["tokens"] for b in range(batches)])
-    pieces = [task.tokenizer.sp.id_to_piece(i) for i in range(task.vocab_size)]
-    kinds = torch.tensor([_token_type(p) for p in pieces])
+    kinds = torch.tensor([_token_type(p) for p in task.tokenizer.pieces()])
     return tokens, kinds[tokens.flatten()], list(TOKEN_TYPES)
 
 
@@ -125,27 +126,49 @@ def _similarity_plot(matrices: list[torch.Tensor], path: Path) -> None:
     plt.close(fig)
 
 
+class Expert:
+    """One expert of a MoE layer as a function of its tokens ``[N, d] -> [N, d]``, with its weights as one
+    vector: a DeepSpeed expert module, or expert ``index`` of a Hugging Face fused experts module (every
+    parameter ``[E, ...]``; called as HF's MoE block calls it, with each token routed to it at weight 1)."""
+
+    def __init__(self, module: torch.nn.Module, index: int | None = None):
+        self.module, self.index = module, index
+
+    def weights(self) -> torch.Tensor:
+        params = self.module.parameters()
+        return torch.cat([(p if self.index is None else p[self.index]).flatten() for p in params])
+
+    def __call__(self, tokens: torch.Tensor) -> torch.Tensor:
+        if self.index is None:
+            return self.module(tokens)
+        route = torch.full((len(tokens), 1), self.index, dtype=torch.long)
+        return self.module(tokens, route, torch.ones(len(tokens), 1, dtype=tokens.dtype))
+
+
+def expert_functions(model: torch.nn.Module) -> list[list[Expert]]:
+    """Each MoE layer's experts, in the order :func:`capture_routing` reports the layers."""
+    if not is_hf_model(model):
+        return [[Expert(e) for e in m.experts.deepspeed_experts] for m in model.modules() if isinstance(m, MOELayer)]
+    fam = family(model.config)
+    return [[Expert(block.experts, e) for e in range(fam.num_experts)] for block in moe_blocks(model, fam)]
+
+
 @torch.no_grad()
 def analyse(export_dir: Path, out: Path, probe: int = 2000, seed: int = 0) -> dict:
     model, config = load_export(export_dir)
-    if config.model.kind == "hf":
-        raise CheckpointError(f"{export_dir} is a Hugging Face model: the expert analysis reads DeepSpeed's native "
-                              f"MoE layers (gpt/vit exports) and does not cover Hugging Face MoE blocks yet")
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)  # DeepSpeed's 2nd-expert sampling draws from the global RNG
     inputs, labels, names = probe_inputs(config, probe)
     routing = capture_routing(model, model_batches(config, inputs))
     num_experts = config.moe.num_experts
     map_shape = tuple(config.moe.map_shape) if config.moe.map_shape else default_map_shape(num_experts)
-    moe_layers = [m for m in model.modules() if isinstance(m, MOELayer)]
     geometry = MapGeometry(map_shape, config.moe.window_size, config.moe.stride, config.moe.padding,
                            config.moe.sigma_min)
     layers, output_sims = [], []
-    for index, (layer, moe_layer) in enumerate(zip(routing, moe_layers)):
-        experts = moe_layer.experts.deepspeed_experts
-        weights = torch.stack([torch.cat([p.flatten() for p in e.parameters()]) for e in experts])
+    for index, (layer, experts) in enumerate(zip(routing, expert_functions(model))):
         sample = layer.inputs[torch.randperm(len(layer.inputs))[:512]]
-        outputs = torch.stack([e(sample).flatten() for e in experts])
+        weights = torch.stack([expert.weights() for expert in experts])
+        outputs = torch.stack([expert(sample).flatten() for expert in experts])
         weight_cos, _ = mean_offdiagonal_cosine(weights)
         output_cos, output_sim = mean_offdiagonal_cosine(outputs)
         output_sims.append(output_sim)

@@ -62,6 +62,10 @@ class Tokenizer:
     def detokenize(self, ids: list[int]) -> str:
         return self.sp.decode([int(i) for i in ids])
 
+    def pieces(self) -> list[str]:
+        """Each id's piece, a word start marked by a leading "\u2581"."""
+        return [self.sp.id_to_piece(i) for i in range(self.vocab_size)]
+
 
 class HFTokenizer:
     """A Hugging Face tokenizer from a local directory (e.g. the model's own ``tokenizer.json``), with
@@ -107,6 +111,12 @@ class HFTokenizer:
 
     def detokenize(self, ids: list[int]) -> str:
         return self.hf.decode([int(i) for i in ids])
+
+    def pieces(self) -> list[str]:
+        """Each id's piece, a word start marked by a leading "\u2581" as sentencepiece marks it (byte-level
+        BPE marks it "\u0120")."""
+        return [piece.replace("\u0120", "\u2581", 1) if piece.startswith("\u0120") else piece
+                for piece in self.hf.convert_ids_to_tokens(list(range(self.vocab_size)))]
 
 
 def load_tokenizer(path: str | os.PathLike) -> Tokenizer | HFTokenizer:

@@ -10,13 +10,11 @@ on all ranks. The bias only steers which experts are chosen, never the weights g
 
 from __future__ import annotations
 
-import re
-
 import torch
 import torch.distributed as dist
 
 from moge_ds.hf.families import Family, HFModelError
-from moge_ds.hf.routers import unwrap
+from moge_ds.hf.routers import moe_blocks
 
 
 class CorrectionBiasBalancer:
@@ -27,9 +25,7 @@ class CorrectionBiasBalancer:
     def __init__(self, model: torch.nn.Module, fam: Family, rate: float):
         from deepspeed.module_inject.auto_ep_layer import AutoEPMoELayer
 
-        pattern = re.compile(fam.moe_layer_pattern)
-        self.routers = [block.router for name, block in unwrap(model).named_modules()
-                        if pattern.fullmatch(name) and isinstance(block, AutoEPMoELayer)]
+        self.routers = [block.router for block in moe_blocks(model, fam) if isinstance(block, AutoEPMoELayer)]
         if not self.routers or not all(hasattr(r, "e_score_correction_bias") for r in self.routers):
             raise HFModelError(f"model type {fam.model_type!r}: moe.bias_update_rate needs AutoEP routers with an "
                                f"e_score_correction_bias (DeepSeek-V3, MiniMax-M3 under expert_parallel)")

@@ -22,27 +22,35 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
     return model.module if isinstance(model, DeepSpeedEngine) else model
 
 
-def router_modules(model: torch.nn.Module, fam: Family) -> list[torch.nn.Module]:
-    """Each MoE layer's router, in layer order: AutoEP's ``router.gate`` linear (returns the logits)
-    or HF's router (``mlp.gate``, GPT-OSS ``mlp.router``; returns ``(logits, weights, indices)``). Dense
-    layers that share the MoE blocks' name (DeepSeek's first layers, Qwen's ``mlp_only_layers``) have no
-    router and are skipped."""
+def is_hf_model(model: torch.nn.Module) -> bool:
+    from transformers import PreTrainedModel
+
+    return isinstance(unwrap(model), PreTrainedModel)
+
+
+def moe_blocks(model: torch.nn.Module, fam: Family) -> list[torch.nn.Module]:
+    """Each MoE block (``model.layers.N.mlp``), in layer order: AutoEP's replacement or HF's own block
+    with a router. Dense layers that share the MoE blocks' name (DeepSeek's first layers, Qwen's
+    ``mlp_only_layers``) have no router and are skipped."""
     from deepspeed.module_inject.auto_ep_layer import AutoEPMoELayer
 
     pattern = re.compile(fam.moe_layer_pattern)
-    routers = []
-    for name, block in unwrap(model).named_modules():
-        if not pattern.fullmatch(name):
-            continue
-        if isinstance(block, AutoEPMoELayer):
-            routers.append(block.router.gate)
-        elif (attr := next((n for n in fam.router_names if hasattr(block, n)), None)) is not None:
-            routers.append(getattr(block, attr))
-    if not routers:
+    blocks = [block for name, block in unwrap(model).named_modules() if pattern.fullmatch(name) and
+              (isinstance(block, AutoEPMoELayer) or any(hasattr(block, n) for n in fam.router_names))]
+    if not blocks:
         raise HFModelError(f"model type {fam.model_type!r}: no MoE router found (no module matching "
                            f"{fam.moe_layer_pattern!r} with a router named {' or '.join(fam.router_names)}); moge-ds "
                            f"needs Hugging Face's MoE layout (model.layers.N.mlp.gate)")
-    return routers
+    return blocks
+
+
+def router_modules(model: torch.nn.Module, fam: Family) -> list[torch.nn.Module]:
+    """Each MoE layer's router, in layer order: AutoEP's ``router.gate`` linear (returns the logits)
+    or HF's router (``mlp.gate``, GPT-OSS ``mlp.router``; returns ``(logits, weights, indices)``)."""
+    from deepspeed.module_inject.auto_ep_layer import AutoEPMoELayer
+
+    return [block.router.gate if isinstance(block, AutoEPMoELayer) else
+            getattr(block, next(n for n in fam.router_names if hasattr(block, n))) for block in moe_blocks(model, fam)]
 
 
 class RouterLogits:
