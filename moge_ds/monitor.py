@@ -99,6 +99,8 @@ class RunLog:
         world = dist.get_world_size() if dist.is_initialized() else 1
         scalars = dict(scalars)
         scalars[f"{self.unit}_per_s"] = self._window_items * world / max(elapsed, 1e-9)
+        if torch.cuda.is_available():  # this rank's peak since the start (host memory is not tracked)
+            scalars["gpu_memory_peak_mib"] = torch.cuda.max_memory_allocated() / 2**20
         self._window_start, self._window_items = time.perf_counter(), 0
         for i, load in enumerate(loads or []):
             scalars[f"expert_load_cv/layer{i}"] = coefficient_of_variation(load)
