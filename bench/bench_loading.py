@@ -4,18 +4,20 @@ built it as partitions.
     python -m bench.bench_loading [--ranks 2 4] [--work /tmp/bench_loading] [--out bench/results]
 
 Writes a Mixtral of about 850 MiB (fp32 safetensors, per-expert layout as ``save_pretrained`` writes
-it: the loader converts it layer by layer) under ``--work``, then for each rank count launches two
-real jobs through the ``deepspeed`` launcher:
+it: the loader converts it layer by layer) under ``--work``, then for each rank count launches real
+jobs through the ``deepspeed`` launcher (``ARMS``):
 
 - ``whole``: what moge-ds did before, ``from_pretrained`` on every rank (the whole model per rank),
   then ``deepspeed.initialize`` partitions it;
-- ``partitioned``: ``moge_ds.hf.loading.build``, which builds ZeRO-3 partitions and fills them one
-  module at a time from rank 0's reads.
+- ``partitioned``: what ``moge_ds.hf.loading.build`` does, timed in its two phases: build the ZeRO-3
+  partitions, then fill them one module at a time from rank 0's reads (``load_partitioned``);
+- the same with glibc's mmap threshold fixed (see ``ARMS``).
 
-Each rank reports its peak resident memory above its post-import baseline (Linux ``VmHWM``, reset
-through ``/proc/self/clear_refs`` between phases) for (1) build + load and (2) ``deepspeed.initialize``
-with AutoEP (``autoep_size`` = ranks), whose repacking gathers one MoE layer's experts on every rank
-(that layer's size is reported beside it); initialize also allocates ZeRO-3's fp32 master partition.
+Each rank reports its resident memory above its post-import baseline (Linux ``VmHWM``, reset through
+``/proc/self/clear_refs`` between phases): the build peak, the build + load peak, what it holds after
+loading, and the peak of ``deepspeed.initialize`` with AutoEP (``autoep_size`` = ranks), whose
+repacking gathers one MoE layer's experts on every rank (reported apart; that layer's size is in the
+header); initialize also allocates ZeRO-3's fp32 master partition.
 Writes ``<out>/loading.json`` and ``<out>/loading.md``.
 """
 
@@ -23,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import subprocess
 import sys
@@ -85,7 +88,7 @@ def rank_job(mode: str, model_dir: str, out: str) -> None:
 
     from moge_ds.config import ModelConfig
     from moge_ds.distributed import init_job
-    from moge_ds.hf.loading import build
+    from moge_ds.hf.loading import build, load_partitioned
 
     init_job()
     world = dist.get_world_size()
@@ -93,12 +96,14 @@ def rank_job(mode: str, model_dir: str, out: str) -> None:
           "optimizer": {"type": "AdamW", "params": {"lr": 1e-4, "torch_adam": True}},
           "expert_parallel": {"enabled": True, "autoep_size": world}}
     base = reset_peak()
+    record = {"rank": dist.get_rank()}
     if mode == "whole":
         model = AutoModelForCausalLM.from_pretrained(model_dir, local_files_only=True, dtype=torch.float32)
     else:
-        model = build(ModelConfig(kind="hf", hf_path=model_dir, hf_init="pretrained"), seed=0, ds=ds)
-    record = {"rank": dist.get_rank(), "load_peak_mib": (memory()[1] - base) / MIB,
-              "after_load_mib": (memory()[0] - base) / MIB}
+        model = build(ModelConfig(kind="hf", hf_path=model_dir, hf_init="random"), seed=0, ds=ds)
+        record["build_peak_mib"] = (memory()[1] - base) / MIB
+        load_partitioned(model, model_dir)
+    record.update(load_peak_mib=(memory()[1] - base) / MIB, after_load_mib=(memory()[0] - base) / MIB)
     measure_autoep_repack(record)
     start = reset_peak()
     engine, *_ = deepspeed.initialize(model=model, model_parameters=list(model.parameters()), config=ds)
@@ -139,12 +144,13 @@ def markdown(result: dict) -> str:
              f"{size['one_layer_experts_mib']:.0f} MiB. Resident memory above each rank's post-import baseline, the "
              f"largest over ranks (x: fraction of the model). AutoEP repack: the growth peak of its layer "
              f"replacement alone. Command: `{result['command']}`", "",
-             "| ranks | path | build + load peak | held after load | initialize peak | of which AutoEP repack |",
-             "|---|---|---|---|---|---|"]
-    keys = ("load_peak_mib", "after_load_mib", "initialize_peak_mib", "autoep_repack_peak_mib")
+             "| ranks | path | build peak | build + load peak | held after load | initialize peak | "
+             "of which AutoEP repack |", "|---|---|---|---|---|---|---|"]
+    keys = ("build_peak_mib", "load_peak_mib", "after_load_mib", "initialize_peak_mib", "autoep_repack_peak_mib")
     for row in result["rows"]:
-        worst = {key: max(r[key] for r in row["per_rank"]) for key in keys}
-        cells = [f"{worst[k]:.0f} MiB ({worst[k] / size['model_mib']:.2f}x)" for k in keys]
+        worst = {key: max(r.get(key, math.nan) for r in row["per_rank"]) for key in keys}
+        cells = [f"{worst[k]:.0f} MiB ({worst[k] / size['model_mib']:.2f}x)" if worst[k] == worst[k] else "-"
+                 for k in keys]
         lines.append(f"| {row['ranks']} | {row['mode']} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 

@@ -79,8 +79,9 @@ def partitioned_building(ds: dict):
 
 def load_partitioned(model: torch.nn.Module, path: str) -> None:
     """Fill a ZeRO-3-partitioned ``model`` with the safetensors weights under ``path``, one module at a
-    time (peak: one module's full parameters on every rank, plus on rank 0 the checkpoint tensors
-    they are made of). Every rank checks the checkpoint covers the model before any gather."""
+    time (peak: one module's full parameters on every rank; on rank 0 twice that, or the checkpoint
+    tensors one of them is made of while converting). Every rank checks the checkpoint covers the model
+    before any gather."""
     import deepspeed
     import torch.distributed as dist
 
@@ -92,10 +93,13 @@ def load_partitioned(model: torch.nn.Module, path: str) -> None:
                   if id(p) not in filled}
         filled.update(id(p) for p in params.values())
         if params:
+            # Read and convert before gathering, in the training dtype, so that rank 0 never holds the
+            # checkpoint's tensors and the gathered parameters at once.
+            values = {name: reader.tensor(name).to(p.dtype) for name, p in params.items()} if is_source else {}
             with deepspeed.zero.GatheredParameters(list(params.values()), modifier_rank=0):
-                if is_source:
-                    for name, param in params.items():
-                        param.data.copy_(reader.tensor(name).reshape(param.shape))
+                for name, param in params.items():
+                    if is_source:
+                        param.data.copy_(values.pop(name).reshape(param.shape))
         for name, buffer in module.named_buffers(prefix=module_name, recurse=False):
             if reader.has(name):  # buffers are whole on every rank: each reads its own (they are small)
                 buffer.copy_(reader.tensor(name))
