@@ -155,23 +155,31 @@ def test_export_loads_with_from_pretrained_and_matches_the_engine(hf_workspace, 
         assert sum(layer["fraction"]) == pytest.approx(1.0) and 0 <= layer["top2_map_neighbour_rate"] <= 1
 
 
-def test_partitioned_loading_gives_the_full_load_first_loss(hf_workspace):
+def test_partitioned_loading_gives_the_full_model_first_loss(hf_workspace):
     """A pretrained Mixtral under ZeRO-3 is built as partitions and filled module by module, from its
-    per-expert (saved) layout or the fused one; its first loss equals ZeRO-2's, which loads it whole
-    with from_pretrained."""
+    per-expert (saved) layout or the fused one; its first loss on rank 0 is the whole source model's
+    own loss on rank 0's batch, computed here without DeepSpeed."""
     from transformers import AutoModelForCausalLM, MixtralConfig
+
+    from moge_ds.config import config_from_dict
+    from moge_ds.hf.loss import causal_lm_loss
+    from moge_ds.tasks import build_task
 
     torch.manual_seed(0)
     source = AutoModelForCausalLM.from_config(MixtralConfig(**SHAPE, num_local_experts=8, num_experts_per_tok=2))
     source.save_pretrained(hf_workspace / "mixtral_per_expert")
     source.save_pretrained(hf_workspace / "mixtral_fused", save_original_format=False)
     first = {}
-    for layout, stage in [("per_expert", 2), ("per_expert", 3), ("fused", 3)]:
-        _, records = hf_train(hf_workspace, f"load_{layout}_zero{stage}", f"mixtral_{layout}", stage,
-                              "train.steps=1", "model.hf_init=pretrained", "train.final_eval=[]")
-        first[layout, stage] = records[0]["loss"]
-    assert first["per_expert", 3] == pytest.approx(first["per_expert", 2], rel=1e-6)
-    assert first["fused", 3] == pytest.approx(first["per_expert", 2], rel=1e-6)
+    for layout in ("per_expert", "fused"):
+        run, records = hf_train(hf_workspace, f"load_{layout}", f"mixtral_{layout}", 3, "train.steps=1",
+                                "model.hf_init=pretrained", "train.final_eval=[]")
+        first[layout] = records[0]["task_loss"]
+    config = config_from_dict(json.loads((run / "config.json").read_text())["config"])  # as the run saw it
+    batch = build_task(config, 4, rank=0, world=2, total_micro_batches=1, device=torch.device("cpu")).train_batch(0)
+    with torch.no_grad():
+        expected = causal_lm_loss(source.eval(), batch, config.moe, sigma=1.0)[0].item()
+    assert first["per_expert"] == pytest.approx(expected, rel=1e-6)
+    assert first["fused"] == pytest.approx(expected, rel=1e-6)
 
 
 def test_family_without_autoep_preset_trains_under_plain_zero3_and_exports(hf_workspace):
