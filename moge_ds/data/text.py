@@ -18,15 +18,17 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
-from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
-from megatron.core.datasets.blended_megatron_dataset_config import (convert_split_vector_to_split_matrix,
-                                                                    parse_and_normalize_split)
-from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
-from megatron.core.datasets.indexed_dataset import IndexedDataset
+from typing import TYPE_CHECKING
 
 from moge_ds.data.documents import DataError
 from moge_ds.data.preprocess import TOKENIZER_SUFFIX
 from moge_ds.data.tokenizer import Tokenizer
+
+# megatron-core is imported where it is used: it takes seconds to import (most of a rank's start-up
+# before DeepSpeed), and a config error, found before any data is read, should not wait for it.
+if TYPE_CHECKING:
+    from megatron.core.datasets.gpt_dataset import GPTDataset
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
 
 log = logging.getLogger(__name__)
 # Six INFO lines each time an index is opened (every check opens one): they would bury a data error.
@@ -53,6 +55,8 @@ def check_tokenizer_matches(prefix: str, tokenizer: Tokenizer) -> None:
 
 def check_indexed_dataset(prefix: str) -> IndexedDataset:
     """Open ``prefix``.{bin,idx}, failing clearly if either is missing or they disagree."""
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
     for suffix in (".bin", ".idx"):
         if not Path(prefix + suffix).is_file():
             raise DataError(f"{prefix}{suffix} does not exist: create it with `python -m moge_ds.data.preprocess "
@@ -99,6 +103,8 @@ SPLIT_NAMES = ("train", "valid", "test")
 
 
 def _split_shares(split: str) -> list[float]:
+    from megatron.core.datasets.blended_megatron_dataset_config import parse_and_normalize_split
+
     try:
         return parse_and_normalize_split(split)
     except (AssertionError, ValueError, ZeroDivisionError):
@@ -107,6 +113,8 @@ def _split_shares(split: str) -> list[float]:
 
 def split_documents(split: str, num_documents: int) -> list[range | None]:
     """The document range of each split, computed as megatron-core computes it; None for a 0 share."""
+    from megatron.core.datasets.blended_megatron_dataset_config import convert_split_vector_to_split_matrix
+
     matrix = convert_split_vector_to_split_matrix(_split_shares(split))
     return [None if bounds is None else range(int(round(bounds[0] * num_documents)),
                                               int(round(bounds[1] * num_documents))) for bounds in matrix]
@@ -202,6 +210,9 @@ def build_text_splits(prefixes: list[str],
         num_samples: samples wanted from each split (megatron repeats epochs to reach them); None:
             one pass over the split (not with ``weights``: megatron needs a size to blend by).
     """
+    from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
+    from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
+
     if weights is not None and len(weights) != len(prefixes):
         raise DataError(f"{len(weights)} blend weights for {len(prefixes)} datasets: give one weight per prefix")
     if weights is not None and not all(math.isfinite(w) and w > 0 for w in weights):
