@@ -12,6 +12,7 @@ import sys
 import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -147,9 +148,18 @@ def bad_input_cases(workspace, tmp, earlier, exported) -> list[Case]:
                                                     flags=["--resume"]),
              "damaged checkpoint files: .*mp_rank_00_model_states.pt", tmp / "truncated_run"),
     ]
-    return cases + tool_cases(workspace, tmp) + checkpoint_tool_cases(earlier, tmp) + \
-        model_tool_cases(exported) + data_tool_cases(workspace, tmp) + config_file_cases(workspace, tmp) + \
+    cases += tool_cases(workspace, tmp) + checkpoint_tool_cases(earlier, tmp) + model_tool_cases(exported) + \
+        data_tool_cases(workspace, tmp) + config_file_cases(workspace, tmp) + \
         analysis_and_sweep_cases(workspace, tmp, exported) + init_from_cases(workspace, tmp, earlier, exported)
+    return [own_run_directory(case, fresh, i) for i, case in enumerate(cases)]
+
+
+def own_run_directory(case: Case, fresh: Path, index: int) -> Case:
+    """The case with its own never-created run directory: cases run two at a time, and two that reached
+    the run-directory lock together would meet there ("in use by another run") instead of their error."""
+    def own(text: str) -> str:
+        return text.replace(str(fresh), f"{fresh}{index}")
+    return dataclasses.replace(case, cmd=[own(str(arg)) for arg in case.cmd], untouched=Path(own(str(case.untouched))))
 
 
 # A split suggested to a corpus too small for the one given: not the "80,10,10" every case was given.
