@@ -1,4 +1,4 @@
-"""The GPU rehearsal: one node, under 10 minutes, one table.
+"""The GPU rehearsal: one node, one table, meant to take under 10 minutes (not yet timed on a GPU).
 
     python -m bench.gpu_check [--steps 60] [--work runs/gpu_check] [--cpu]
 
