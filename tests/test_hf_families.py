@@ -11,12 +11,14 @@ import argparse
 import copy
 import functools
 import json
+import os
 from pathlib import Path
 
 import pytest
 import torch
 
 from moge_ds.config import ConfigError, MoEConfig, load_config, load_ds_config, validate
+from moge_ds.distributed import single_process_group
 from moge_ds.hf.families import family, read_config
 from moge_ds.hf.loss import causal_lm_loss, map_values, router_group_sparsity
 from moge_ds.hf.routers import RouterLogits
@@ -181,19 +183,66 @@ def test_analysis_captures_every_familys_map_values_choices_and_experts(name):
         assert torch.allclose(outputs[3], (torch.nn.functional.silu(gate) * up) @ block.down_proj[3].T, atol=1e-5)
 
 
-def test_correction_bias_moves_against_the_load_the_models_own_routing_chose(monkeypatch, process_group):
-    """Auxiliary-loss-free balancing on a one-rank AutoEP engine, per sigmoid family (in one process
-    group: DeepSpeed caches its expert groups per process): the loads it counts are those of the plain
-    model's own router (bias and group limits included) on the same batch, and each bias moves by
-    exactly the rate against its load; evaluation forwards are not counted."""
-    monkeypatch.setenv("LOCAL_RANK", "0")  # deepspeed.initialize asks for it; no launcher here
+@pytest.fixture(scope="module")
+def one_rank():
+    """One process group for every one-rank AutoEP engine of this module: DeepSpeed caches its expert
+    groups per process, so engines in a later group would meet the cached ones of a destroyed group."""
+    previous = os.environ.get("LOCAL_RANK")
+    os.environ["LOCAL_RANK"] = "0"  # deepspeed.initialize asks for it; no launcher here
+    with single_process_group():
+        yield
+    if previous is None:
+        os.environ.pop("LOCAL_RANK")
+    else:
+        os.environ["LOCAL_RANK"] = previous
+
+
+def one_rank_engine(model: torch.nn.Module):
+    import deepspeed
+
+    ds = {"train_micro_batch_size_per_gpu": 2, "train_batch_size": 2, "expert_parallel": {"enabled": True}}
+    return deepspeed.initialize(model=model, model_parameters=list(model.parameters()), config=ds)[0]
+
+
+def test_correction_bias_moves_against_the_load_the_models_own_routing_chose(one_rank):
+    """Auxiliary-loss-free balancing on a one-rank AutoEP engine, per sigmoid family: the loads it
+    counts are those of the plain model's own router (bias and group limits included) on the same
+    batch, and each bias moves by exactly the rate against its load; evaluation forwards are not
+    counted."""
     for name in SIGMOID:
         check_balancer(name)
 
 
-def check_balancer(name: str) -> None:
-    import deepspeed
+def test_autoep_weights_map_back_to_every_familys_own_names(one_rank):
+    """What the export does, per AutoEP family: a one-rank engine's weights (every expert, buffers
+    included) under Hugging Face's names load into the plain model with nothing missing or left
+    over, and give the engine's loss."""
+    from transformers import AutoModelForCausalLM
 
+    from moge_ds.export import load_weights
+    from moge_ds.hf.export_names import hf_state_dict
+
+    for name in (n for n in FAMILIES if n not in NO_PRESET):
+        model = copy.deepcopy(build(name))
+        with torch.no_grad():  # a bias that is not zero, so that a lost one shows in the loss
+            for module in model.modules():
+                if hasattr(module, "e_score_correction_bias"):
+                    module.e_score_correction_bias.normal_(0, 0.5, generator=torch.Generator().manual_seed(3))
+        engine = one_rank_engine(model)
+        batch = lm_batch(model.config.vocab_size)
+        plain = AutoModelForCausalLM.from_config(model.config)
+        own = plain.state_dict()
+        weights = {k: v for k, v in hf_state_dict(engine.module.state_dict(), model.config).items() if k in own}
+        if "lm_head.weight" not in weights and model.config.tie_word_embeddings:
+            weights["lm_head.weight"] = weights["model.embed_tokens.weight"]
+        load_weights(plain, weights, name)
+        with torch.no_grad():
+            expected = causal_lm_loss(engine, batch, MoEConfig(), sigma=1.0)[0]
+            assert causal_lm_loss(plain, batch, MoEConfig(), sigma=1.0)[0].item() == pytest.approx(
+                expected.item(), rel=1e-6), name
+
+
+def check_balancer(name: str) -> None:
     from moge_ds.hf.balance import CorrectionBiasBalancer
 
     model = copy.deepcopy(build(name))
@@ -202,8 +251,7 @@ def check_balancer(name: str) -> None:
             if hasattr(module, "e_score_correction_bias"):
                 module.e_score_correction_bias.normal_(0, 0.05, generator=torch.Generator().manual_seed(2))
     plain = copy.deepcopy(model)
-    ds = {"train_micro_batch_size_per_gpu": 2, "train_batch_size": 2, "expert_parallel": {"enabled": True}}
-    engine, *_ = deepspeed.initialize(model=model, model_parameters=list(model.parameters()), config=ds)
+    engine = one_rank_engine(model)
     fam = family(model.config)
     balancer = CorrectionBiasBalancer(engine, fam, rate=0.01)
     before = [b.clone() for b in balancer.biases]
