@@ -1,6 +1,6 @@
 """The GPU rehearsal: one node, one table, meant to take under 10 minutes (not yet timed on a GPU).
 
-    python -m bench.gpu_check [--steps 60] [--work runs/gpu_check] [--cpu]
+    python -m bench.gpu_check [--steps 60] [--work runs/gpu_check] [--cpu] [--overwrite]
 
 Short runs of ``moge_ds.train`` through ``launch/train.sh`` on the Python-docs data (``make data``):
 
@@ -109,7 +109,11 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--work", type=Path, default=REPO / "runs/gpu_check")
     parser.add_argument("--cpu", action="store_true", help="CPU configs: checks this script, not a GPU")
+    parser.add_argument("--overwrite", action="store_true", help="replace the runs of an earlier check in --work")
     args = parser.parse_args()
+    if args.work.exists() and any(args.work.iterdir()) and not args.overwrite:
+        raise SystemExit(f"{args.work} already holds files (an earlier check?): pass --overwrite to replace its runs, "
+                         f"or give another --work")
     gpus = torch.cuda.device_count()
     if not gpus and not args.cpu:
         raise SystemExit("no GPU visible (torch.cuda.device_count() is 0): run on a GPU node, or pass --cpu")
