@@ -10,14 +10,16 @@ jobs through the ``deepspeed`` launcher (``ARMS``):
 - ``whole``: what moge-ds did before, ``from_pretrained`` on every rank (the whole model per rank),
   then ``deepspeed.initialize`` partitions it;
 - ``partitioned``: what ``moge_ds.hf.loading.build`` does, timed in its two phases: build the ZeRO-3
-  partitions, then fill them one module at a time from rank 0's reads (``load_partitioned``);
+  partitions (without transformers' random initialisation), then fill each rank's partitions from its
+  own reads of the checkpoint (``load_partitioned``);
 - the same with glibc's mmap threshold fixed (see ``ARMS``).
 
 Each rank reports its resident memory above its post-import baseline (Linux ``VmHWM``, reset through
 ``/proc/self/clear_refs`` between phases): the build peak, the build + load peak, what it holds after
 loading, and the peak of ``deepspeed.initialize`` with AutoEP (``autoep_size`` = ranks), whose
 repacking gathers one MoE layer's experts on every rank (reported apart; that layer's size is in the
-header); initialize also allocates ZeRO-3's fp32 master partition.
+header); initialize also allocates ZeRO-3's fp32 master partition. Last, the fixed threshold's cost:
+seconds per CPU training step of the same model in one process, with and without it, alternated.
 Writes ``<out>/loading.json`` and ``<out>/loading.md``.
 """
 
@@ -86,9 +88,9 @@ def rank_job(mode: str, model_dir: str, out: str) -> None:
     import torch.distributed as dist
     from transformers import AutoModelForCausalLM
 
-    from moge_ds.config import ModelConfig
-    from moge_ds.distributed import init_job
-    from moge_ds.hf.loading import build, load_partitioned
+    from moge_ds.distributed import init_job, shutdown
+    from moge_ds.hf.families import read_config
+    from moge_ds.hf.loading import load_partitioned, partitioned_building
 
     init_job()
     world = dist.get_world_size()
@@ -100,7 +102,8 @@ def rank_job(mode: str, model_dir: str, out: str) -> None:
     if mode == "whole":
         model = AutoModelForCausalLM.from_pretrained(model_dir, local_files_only=True, dtype=torch.float32)
     else:
-        model = build(ModelConfig(kind="hf", hf_path=model_dir, hf_init="random"), seed=0, ds=ds)
+        with partitioned_building(ds, initialise=False):  # what hf.loading.build does, timed in two phases
+            model = AutoModelForCausalLM.from_config(read_config(model_dir), dtype=torch.float32)
         record["build_peak_mib"] = (memory()[1] - base) / MIB
         load_partitioned(model, model_dir)
     record.update(load_peak_mib=(memory()[1] - base) / MIB, after_load_mib=(memory()[0] - base) / MIB)
@@ -114,7 +117,42 @@ def rank_job(mode: str, model_dir: str, out: str) -> None:
     if dist.get_rank() == 0:
         Path(out).write_text(json.dumps(peaks))
     del engine
-    dist.destroy_process_group()
+    shutdown()  # a barrier first: a rank that left early made gloo abort the other at exit
+
+
+def step_job(model_dir: str) -> None:
+    """One process trains the benchmark's model on the CPU (batch 4 x 256, AdamW): prints the median
+    seconds per step over steps 3-8, the cost side of the allocator setting."""
+    import statistics
+    import time
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, local_files_only=True, dtype=torch.float32)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
+    tokens = torch.randint(0, SHAPE["vocab_size"], (4, 256))
+    seconds = []
+    for _ in range(8):
+        start = time.perf_counter()
+        model(input_ids=tokens, labels=tokens).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        seconds.append(time.perf_counter() - start)
+    print(json.dumps(statistics.median(seconds[2:])))
+
+
+def step_times(model_dir: Path, rounds: int = 3) -> dict[str, list[float]]:
+    """Seconds per CPU training step with and without the fixed threshold, alternated ``rounds`` times."""
+    times: dict[str, list[float]] = {"default": [], "MALLOC_MMAP_THRESHOLD_=131072": []}
+    for _ in range(rounds):
+        for name, env in (("default", {}), ("MALLOC_MMAP_THRESHOLD_=131072", {"MALLOC_MMAP_THRESHOLD_": "131072"})):
+            cmd = [sys.executable, "-m", "bench.bench_loading", "--step-job", str(model_dir)]
+            proc = subprocess.run(cmd, cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "2", **env},
+                                  capture_output=True, text=True, check=True)
+            times[name].append(json.loads(proc.stdout.strip().splitlines()[-1]))
+    return times
 
 
 # The arms: (name, rank-job mode, extra environment). glibc's malloc raises its mmap threshold as large
@@ -152,6 +190,12 @@ def markdown(result: dict) -> str:
         cells = [f"{worst[k]:.0f} MiB ({worst[k] / size['model_mib']:.2f}x)" if worst[k] == worst[k] else "-"
                  for k in keys]
         lines.append(f"| {row['ranks']} | {row['mode']} | " + " | ".join(cells) + " |")
+    steps = result["step_seconds"]
+    default, fixed = (", ".join(f"{v:.2f}" for v in values) for values in steps.values())
+    ratio = sum(steps["MALLOC_MMAP_THRESHOLD_=131072"]) / sum(steps["default"])
+    lines += ["", f"The allocator setting's cost: one process training this model on the CPU (batch 4 x 256, AdamW), "
+              f"seconds per step (median of steps 3-8), alternated: default {default}; fixed threshold {fixed} "
+              f"({ratio:.2f}x)."]
     return "\n".join(lines) + "\n"
 
 
@@ -161,10 +205,14 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=Path("/tmp/bench_loading"), help="where the model is written")
     parser.add_argument("--out", type=Path, default=REPO / "bench/results")
     parser.add_argument("--rank-job", nargs=3, metavar=("MODE", "MODEL", "OUT"), help=argparse.SUPPRESS)
+    parser.add_argument("--step-job", metavar="MODEL", help=argparse.SUPPRESS)
     parser.add_argument("--local_rank", type=int, help=argparse.SUPPRESS)  # the deepspeed launcher adds it
     args = parser.parse_args()
     if args.rank_job:
         rank_job(*args.rank_job)
+        return
+    if args.step_job:
+        step_job(args.step_job)
         return
     from bench.environment import describe_machine
 
@@ -176,6 +224,7 @@ def main() -> None:
             per_rank = launch(mode, ranks, model_dir, args.work / f"arm{i}_{ranks}.json", env)
             result["rows"].append({"ranks": ranks, "mode": name, "per_rank": per_rank})
             print(f"{ranks} ranks, {name}: {per_rank}", flush=True)
+    result["step_seconds"] = step_times(model_dir)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "loading.json").write_text(json.dumps(result, indent=1))
     (args.out / "loading.md").write_text(markdown(result))

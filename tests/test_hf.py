@@ -200,8 +200,15 @@ def gathered(model) -> dict[str, torch.Tensor]:
 
 @pytest.mark.parametrize("family", ["mixtral", "qwen3_moe"])
 @pytest.mark.parametrize("original_format", [True, False], ids=["per_expert_layout", "fused_layout"])
-def test_partitioned_loading_reads_the_weights_of_either_layout(family, original_format, tmp_path, monkeypatch,
-                                                                process_group):
+@pytest.mark.parametrize("reads", ["blocks", "one_row", "whole_conversion"])
+def test_partitioned_loading_reads_the_weights_of_either_layout(family, original_format, reads, tmp_path,
+                                                                monkeypatch, process_group):
+    """Each partition is read in blocks of rows (one expert's keys converted at a time), also one row per
+    read, and through the whole-tensor conversion kept for layouts that cannot be cut into rows."""
+    if reads == "one_row":
+        monkeypatch.setattr("moge_ds.hf.loading.ROWS_READ_NUMEL", 1)
+    if reads == "whole_conversion":
+        monkeypatch.setattr("moge_ds.hf.loading._keeps_rows", lambda converter: False)
     source = tiny_model(family)
     source.save_pretrained(tmp_path, save_original_format=original_format)
     model = partitioned(tmp_path, monkeypatch)

@@ -155,8 +155,37 @@ def test_export_loads_with_from_pretrained_and_matches_the_engine(hf_workspace, 
         assert sum(layer["fraction"]) == pytest.approx(1.0) and 0 <= layer["top2_map_neighbour_rate"] <= 1
 
 
+def test_topography_report_reads_a_sweep_of_hf_runs(moge_run, tmp_path, monkeypatch):
+    """``experiments topography`` on HF runs: each run is exported, probed with held-out tokens and measured
+    per MoE layer, and the report is written. Both arms hold copies of one MoGE run: this checks the
+    reading of HF runs, not a result."""
+    import yaml
+
+    from moge_ds import experiments
+    from moge_ds.experiments import Sweep
+    from moge_ds.experiments.topography import write_topography_report
+
+    out, _ = moge_run("mixtral", 3)
+    monkeypatch.setattr(experiments.sweep, "REPO", tmp_path)
+    spec = {"name": "hf", "preset": "configs/mixtral_tiny.yaml", "ds_config": "ds_configs/autoep_zero3_cpu.json",
+            "metric": "loss", "higher_is_better": False, "report_split": "test", "baseline": "moe", "common": [],
+            "grid": {}, "arms": {"moe": ["moe.gs_weight=0"], "moge": ["moe.gs_weight=4"]}, "seeds": [1]}
+    (tmp_path / "hf.yaml").write_text(yaml.safe_dump(spec))
+    sweep = Sweep.load(str(tmp_path / "hf.yaml"))
+    for run in sweep.runs():
+        shutil.copytree(out, sweep.root / "runs" / run.name)
+    with single_process_group():
+        report = write_topography_report(sweep, probe=128).read_text()
+    for run in sweep.runs():
+        topography = json.loads((sweep.root / "runs" / run.name / "topography.json").read_text())
+        assert len(topography["layers"]) == 2 and topography["gs_weight"] == 4.0 and topography["paper_lambda"] > 0
+        for layer in topography["layers"]:
+            assert 0 <= layer["top2_neighbour_rate"] <= 1 and 0 < layer["entropy_normalized"] <= 1
+    assert "| moge | " in report and (sweep.root / "topography.png").is_file()
+
+
 def test_partitioned_loading_gives_the_full_model_first_loss(hf_workspace):
-    """A pretrained Mixtral under ZeRO-3 is built as partitions and filled module by module, from its
+    """A pretrained Mixtral under ZeRO-3 is built as partitions, each filled by its own rank from the
     per-expert (saved) layout or the fused one; its first loss on rank 0 is the whole source model's
     own loss on rank 0's batch, computed here without DeepSpeed."""
     from transformers import AutoModelForCausalLM, MixtralConfig
@@ -182,22 +211,26 @@ def test_partitioned_loading_gives_the_full_model_first_loss(hf_workspace):
     assert first["fused"] == pytest.approx(expected, rel=1e-6)
 
 
-def test_family_without_autoep_preset_trains_under_plain_zero3_and_exports(hf_workspace):
-    """OLMoE (no AutoEP preset) from pretrained weights under plain ZeRO-3: the loss falls, and its export
-    scores the validation split as the engine did."""
-    from transformers import AutoModelForCausalLM, OlmoeConfig
+@pytest.mark.parametrize("family", ["olmoe", "gpt_oss"])
+def test_family_without_autoep_preset_trains_under_plain_zero3_and_exports(hf_workspace, family):
+    """OLMoE and GPT-OSS (no AutoEP preset) from pretrained weights under plain ZeRO-3: the loss falls,
+    and the export scores the validation split as the engine did."""
+    from transformers import AutoConfig, AutoModelForCausalLM, OlmoeConfig
 
+    if family == "olmoe":
+        config = OlmoeConfig(**SHAPE, num_experts=8, num_experts_per_tok=2, bos_token_id=0, eos_token_id=1,
+                             pad_token_id=None)
+    else:
+        config = AutoConfig.from_pretrained(REPO / "configs/hf/gpt_oss_tiny", vocab_size=SHAPE["vocab_size"])
     torch.manual_seed(0)
-    olmoe = OlmoeConfig(**SHAPE, num_experts=8, num_experts_per_tok=2, bos_token_id=0, eos_token_id=1,
-                        pad_token_id=None)
-    AutoModelForCausalLM.from_config(olmoe).save_pretrained(hf_workspace / "olmoe")
+    AutoModelForCausalLM.from_config(config).save_pretrained(hf_workspace / family)
     ds = load_ds_config(str(REPO / "ds_configs/zero3_cpu.json"))
     ds["scheduler"]["params"]["warmup_num_steps"] = 1
     (hf_workspace / "zero3_plain.json").write_text(json.dumps(ds))
-    out, records = train(hf_workspace, "olmoe_plain", f"model.hf_path={hf_workspace / 'olmoe'}", "train.steps=4",
+    out, records = train(hf_workspace, f"{family}_plain", f"model.hf_path={hf_workspace / family}", "train.steps=4",
                          "model.hf_init=pretrained", preset="mixtral_tiny.yaml", tiny=SETTINGS,
                          ds_config="zero3_plain.json")
     assert records[-1]["loss"] < records[0]["loss"]
-    exported = export(out / "checkpoints", hf_workspace / "olmoe_export")
+    exported = export(out / "checkpoints", hf_workspace / f"{family}_export")
     engine_metrics = json.loads((out / "metrics.json").read_text())["valid"]
     assert evaluate(exported, "valid", micro_batch=4)["loss"] == pytest.approx(engine_metrics["loss"], rel=1e-6)

@@ -92,7 +92,8 @@ def arm_summary(sweep: Sweep, point, arm: str, probe: int) -> dict | None:
             continue
         metrics = json.loads((run_dir / "metrics.json").read_text())
         topo = run_topography(run_dir, probe)
-        seeds[seed] = {"valid": metrics["valid"][sweep.metric], "test": metrics["test"][sweep.metric],
+        # A run evaluated on validation only (final_eval [valid]) has no test metric: "-" in the table.
+        seeds[seed] = {**{split: metrics.get(split, {}).get(sweep.metric, math.nan) for split in ("valid", "test")},
                        "plateau_gap": plateau_gap(read_history(run_dir / "history.jsonl"), sweep.metric),
                        # runs measured before both graphs were scored lack the *_torus/*_flat keys
                        **{m: _mean([layer.get(m, math.nan) for layer in topo["layers"]]) for m in MEASURES},

@@ -1,13 +1,12 @@
 """Building a Hugging Face MoE causal LM from a local directory, in the training dtype.
 
 Under ZeRO-3 no rank ever holds the whole model. transformers builds it as ZeRO-3 partitions while
-an ``HfDeepSpeedConfig`` is alive; a pretrained model is then filled one module at a time: every rank
-gathers that module's parameters, rank 0 copies them in from the memory-mapped safetensors, and
-ZeRO-3 partitions them again. ``from_pretrained`` is not used there because transformers 5.15.1
-reads every shard into every rank under ZeRO-3 (measured: it does not save memory). Checkpoint names
-and layouts (Mixtral's per-expert ``block_sparse_moe.experts.N.w1`` and the fused
-``mlp.experts.gate_up_proj`` alike) are mapped onto the model's by transformers' own conversion rules,
-one parameter (one layer's experts) at a time.
+an ``HfDeepSpeedConfig`` is alive; a pretrained model is then filled in place: every rank reads from
+the memory-mapped safetensors only the rows its own partitions cover, with no collective.
+``from_pretrained`` is not used there because transformers 5.15.1 reads every shard into every rank
+under ZeRO-3 (measured: it does not save memory). Checkpoint names and layouts (Mixtral's per-expert
+``block_sparse_moe.experts.N.w1`` and the fused ``mlp.experts.gate_up_proj`` alike) are mapped onto the
+model's by transformers' own conversion rules, applied to the experts a rank needs.
 """
 
 from __future__ import annotations
@@ -46,16 +45,17 @@ def training_dtype(ds: dict) -> torch.dtype:
 def build(model: ModelConfig, seed: int, ds: dict | None = None) -> torch.nn.Module:
     """The causal LM of ``model.hf_path`` in the training dtype of ``ds``: its weights (``hf_init``
     "pretrained") or fresh ones, as ZeRO-3 partitions if ``ds`` is a ZeRO-3 config (call this on every
-    rank then: the loading gathers). ``ds`` None: the whole model in fp32, in this process."""
+    rank then: building is collective). ``ds`` None: the whole model in fp32, in this process."""
     from transformers import AutoModelForCausalLM
 
     ds = ds or {}
     dtype = training_dtype(ds)
     torch.manual_seed(seed)
     if ds.get("zero_optimization", {}).get("stage", 0) == 3:
-        with partitioned_building(ds):
+        pretrained = model.hf_init == "pretrained"
+        with partitioned_building(ds, initialise=not pretrained):
             net = AutoModelForCausalLM.from_config(read_config(model.hf_path), dtype=dtype)
-        if model.hf_init == "pretrained":
+        if pretrained:
             load_partitioned(net, model.hf_path)
         return net
     if model.hf_init == "random":
@@ -64,45 +64,73 @@ def build(model: ModelConfig, seed: int, ds: dict | None = None) -> torch.nn.Mod
 
 
 @contextmanager
-def partitioned_building(ds: dict):
-    """While open, transformers builds (and initialises) models as ZeRO-3 partitions of ``ds``. A bare
-    ``deepspeed.zero.Init`` is not enough: transformers then initialises weights on the empty
+def partitioned_building(ds: dict, initialise: bool = True):
+    """While open, transformers builds models as ZeRO-3 partitions of ``ds`` and initialises them (one
+    module gathered at a time), unless ``initialise`` is False: for weights about to be loaded, whose
+    random initialisation would cost a module's gather on every rank and rank 0's time for nothing.
+    A bare ``deepspeed.zero.Init`` is not enough: transformers then initialises weights on the empty
     partitions and the experts come out NaN."""
-    from transformers.integrations.deepspeed import HfDeepSpeedConfig, unset_hf_deepspeed_config
+    from transformers.integrations import deepspeed as hf_deepspeed
 
-    kept = HfDeepSpeedConfig(deepcopy(ds))  # transformers holds it by weakref only
+    kept = hf_deepspeed.HfDeepSpeedConfig(deepcopy(ds))  # transformers holds it by weakref only
+    initialise_weights = hf_deepspeed.initialize_weights_zero3  # what from_config calls after building
+    if not initialise:
+        hf_deepspeed.initialize_weights_zero3 = lambda model: None
     try:
         yield kept
     finally:
-        unset_hf_deepspeed_config()
+        hf_deepspeed.initialize_weights_zero3 = initialise_weights
+        hf_deepspeed.unset_hf_deepspeed_config()
 
 
 def load_partitioned(model: torch.nn.Module, path: str) -> None:
-    """Fill a ZeRO-3-partitioned ``model`` with the safetensors weights under ``path``, one module at a
-    time (peak: one module's full parameters on every rank; on rank 0 twice that, or the checkpoint
-    tensors one of them is made of while converting). Every rank checks the checkpoint covers the model
-    before any gather."""
-    import deepspeed
-    import torch.distributed as dist
-
+    """Fill a ZeRO-3-partitioned ``model`` with the safetensors weights under ``path``: every rank reads,
+    from the memory-mapped checkpoint, only the rows of each parameter that its own partition covers,
+    and copies them in. No gather, no broadcast: a rank's peak above its partitions is one block of
+    rows (``ROWS_READ_NUMEL``), or one whole parameter where a layout conversion cannot be cut into
+    rows. Every rank checks the checkpoint covers the model before reading."""
     reader = CheckpointReader(path, model)
-    is_source = dist.get_rank() == 0
-    filled: set[int] = set()  # a tied weight (lm_head = embed_tokens) is filled once, under its first name
-    for module_name, module in model.named_modules():
-        params = {name: p for name, p in module.named_parameters(prefix=module_name, recurse=False)
-                  if id(p) not in filled}
-        filled.update(id(p) for p in params.values())
-        if params:
-            # Read and convert before gathering, in the training dtype, so that rank 0 never holds the
-            # checkpoint's tensors and the gathered parameters at once.
-            values = {name: reader.tensor(name).to(p.dtype) for name, p in params.items()} if is_source else {}
-            with deepspeed.zero.GatheredParameters(list(params.values()), modifier_rank=0):
-                for name, param in params.items():
-                    if is_source:
-                        param.data.copy_(values.pop(name).reshape(param.shape))
-        for name, buffer in module.named_buffers(prefix=module_name, recurse=False):
-            if reader.has(name):  # buffers are whole on every rank: each reads its own (they are small)
-                buffer.copy_(reader.tensor(name))
+    for name, param in model.named_parameters():  # a tied weight (lm_head = embed_tokens) once, first name
+        _fill_partition(param, name, reader)
+    for name, buffer in model.named_buffers():
+        if reader.has(name):  # buffers are whole on every rank (they are small)
+            buffer.copy_(reader.tensor(name))
+
+
+# Elements read at once when a rank fills its partition (4 MiB of fp32): bounds the transient of a large
+# partition (an embedding, one layer's experts) independently of the model.
+ROWS_READ_NUMEL = 2**20
+
+
+@torch.no_grad()
+def _fill_partition(param: torch.nn.Parameter, name: str, reader: CheckpointReader) -> None:
+    """Copy this rank's ZeRO-3 partition of ``param`` from the checkpoint. The partition holds the flat
+    elements [rank * P, (rank + 1) * P) of the whole parameter, zero-padded past its end on the last
+    rank (as DeepSpeed's ``_partition_param`` cuts it), so only the rows (first dimension) covering that
+    range are read."""
+    import torch.distributed as dist
+    from deepspeed.runtime.zero.partition_parameters import PartitionedParamStatus
+
+    part = param.ds_tensor  # [P]
+    if part.status != PartitionedParamStatus.AVAILABLE:
+        raise HFModelError(f"{name}: its ZeRO-3 partition is not in memory (offload_param to nvme?): loading "
+                           f"pretrained weights needs offload_param device none or cpu")
+    start = dist.get_rank(group=param.ds_process_group) * part.ds_numel
+    stop = min(start + part.ds_numel, param.ds_numel)
+    if start >= stop:  # all padding: a parameter smaller than the ranks
+        return
+    rows = param.ds_shape[0] if len(param.ds_shape) else 1
+    row = param.ds_numel // rows  # elements per row
+    first, last = start // row, -(-stop // row)
+    step = reader.rows_per_read(name, row)
+    for a in range(first, last, step):
+        b = min(a + step, last)
+        block = reader.rows(name, a, b).reshape(-1)
+        if block.numel() != (b - a) * row:
+            raise HFModelError(f"checkpoint tensor for {name} has {block.numel() // max(b - a, 1)} elements per row, "
+                               f"the model's {tuple(param.ds_shape)} has {row}: not a checkpoint of this model")
+        lo, hi = max(start, a * row), min(stop, b * row)
+        part[lo - start:hi - start].copy_(block[lo - a * row:hi - a * row])
 
 
 class CheckpointReader:
@@ -128,23 +156,76 @@ class CheckpointReader:
         return name in self.plan
 
     def tensor(self, name: str) -> torch.Tensor:
+        """The whole tensor ``name``."""
         if name in self._converted:
             return self._converted.pop(name)
         keys, converter = self.plan[name]
         if converter is None:
             return self._read(keys[0])
-        converter = deepcopy(converter)
-        for key, pattern in keys:
-            converter.add_tensor(name, key, pattern, lambda key=key: self._read(key))
-        made = converter.convert(name, config=self.config)
+        sources = [(key, pattern, lambda key=key: self._read(key)) for key, pattern in keys]
+        made = self._convert(name, converter, sources)
         self._converted.update({k: v for k, v in made.items() if k != name and k in self.plan})
         return made[name]
 
-    def _read(self, key: str) -> torch.Tensor:
+    def rows_per_read(self, name: str, row_numel: int) -> int:
+        """How many rows of ``name`` one ``rows`` call should take: all of them where its conversion cannot
+        be cut into rows (it is made whole anyway), else as many as ``ROWS_READ_NUMEL`` elements allow."""
+        keys, converter = self.plan[name]
+        if converter is not None and not _keeps_rows(converter):
+            return 2**62
+        return max(1, ROWS_READ_NUMEL // row_numel)
+
+    def rows(self, name: str, start: int, stop: int) -> torch.Tensor:
+        """Rows start:stop (first dimension) of tensor ``name``, reading no more of the checkpoint than they
+        need: a slice of a copied tensor; experts start:stop of a tensor merged from one key per expert;
+        the same rows of each source where the conversion leaves the first dimension alone."""
+        keys, converter = self.plan[name]
+        if converter is None:
+            return self._read(keys[0], start, stop)
+        if not _keeps_rows(converter):
+            return self.tensor(name)[start:stop]
+        from transformers.core_model_loading import MergeModulelist
+
+        if isinstance(converter.operations[0], MergeModulelist):  # one key per expert, experts in order
+            per_pattern: dict[str, list[str]] = {}
+            for key, pattern in keys:
+                per_pattern.setdefault(pattern, []).append(key)
+            sources = [(key, pattern, lambda key=key: self._read(key))
+                       for pattern, pattern_keys in per_pattern.items() for key in pattern_keys[start:stop]]
+        else:
+            sources = [(key, pattern, lambda key=key: self._read(key, start, stop)) for key, pattern in keys]
+        return self._convert(name, converter, sources)[name]
+
+    def _convert(self, name: str, converter, sources: list) -> dict[str, torch.Tensor]:
+        converter = deepcopy(converter)
+        for key, pattern, read in sources:
+            converter.add_tensor(name, key, pattern, read)
+        return converter.convert(name, config=self.config)
+
+    def _read(self, key: str, start: int | None = None, stop: int | None = None) -> torch.Tensor:
+        """Checkpoint tensor ``key``, or its rows start:stop (a 0-d tensor: whole)."""
         from safetensors import safe_open
 
         with safe_open(self.root / self.files[key], framework="pt") as f:
-            return f.get_tensor(key)
+            if start is None:
+                return f.get_tensor(key)
+            rows = f.get_slice(key)
+            return rows[start:stop] if rows.get_shape() else f.get_tensor(key)
+
+
+def _keeps_rows(converter) -> bool:
+    """Whether rows of ``converter``'s output come from the same rows of its inputs (or, after merging one
+    key per expert, from those experts' keys): true for transformers' expert fusions (merge along dim
+    0, then concatenate or transpose along other dimensions)."""
+    from transformers.core_model_loading import Concatenate, MergeModulelist, Transpose
+
+    ops = list(converter.operations)
+    if ops and isinstance(ops[0], MergeModulelist):
+        if ops[0].dim != 0:
+            return False
+        ops = ops[1:]
+    return all((isinstance(op, Concatenate) and op.dim != 0)
+               or (isinstance(op, Transpose) and 0 not in (op.dim0, op.dim1)) for op in ops)
 
 
 def _safetensors_files(root: Path) -> dict[str, str]:
