@@ -10,6 +10,12 @@ Which processes: the rank's ancestors from its parent up to the outermost launch
 nearest :data:`_MAX_DEPTH` ancestors (the deepspeed runner and ``launch.py``, mpiexec and its
 hydra proxy, torchrun, srun/slurmstepd, our ``launch/*.sh`` scripts). Nothing above the outermost
 launcher is watched, so ``nohup deepspeed ... &`` survives its shell's logout as users expect.
+
+A launcher can also be gone before the rank looks (killed within the second or two a rank takes to
+start): then the rank finds its orphaned remains instead, adopted by init (pid 1), and ends at
+once. Two such remains are unambiguous: ``launch.py``, which only the deepspeed runner (or pdsh's
+remote shell) starts, and a rank that torchrun started (``TORCHELASTIC_RUN_ID``) without its torchrun.
+Unless init is itself the launcher (a container whose entrypoint is ``deepspeed`` or ``torchrun``).
 """
 
 from __future__ import annotations
@@ -54,6 +60,25 @@ def launcher_chain(process: psutil.Process | None = None) -> list[psutil.Process
     return [p for p, _ in ancestors[:outermost + 1]]
 
 
+def already_gone(process: psutil.Process, chain: list[psutil.Process], env: dict) -> str | None:
+    """Which launcher of ``process`` was gone before it looked (see the module docstring), or None."""
+    top = chain[-1] if chain else process
+    if top.ppid() != 1 or _init_is_a_launcher():  # a container's entrypoint launcher is pid 1 itself
+        return None
+    if chain and "deepspeed.launcher.launch" in top.cmdline():
+        return "the deepspeed runner that started launch.py"
+    if not chain and "TORCHELASTIC_RUN_ID" in env:
+        return "the torchrun that started this rank"
+    return None
+
+
+def _init_is_a_launcher() -> bool:
+    try:
+        return is_launcher(psutil.Process(1).cmdline())
+    except (psutil.NoSuchProcess, psutil.AccessDenied):
+        return False
+
+
 def first_gone(chain: list[psutil.Process]) -> psutil.Process | None:
     """The first watched process that has exited (``is_running`` also catches a reused pid)."""
     return next((p for p in chain if not p.is_running() or p.status() == psutil.STATUS_ZOMBIE), None)
@@ -61,8 +86,13 @@ def first_gone(chain: list[psutil.Process]) -> psutil.Process | None:
 
 def die_with_launcher(label: str, poll_s: float = 1.0) -> list[psutil.Process]:
     """Start a daemon thread that ends this process (exit 1, one line on stderr) when a process
-    of its :func:`launcher_chain` is gone; returns the chain (empty: nothing to watch, no thread)."""
+    of its :func:`launcher_chain` is gone, or end it now if one was gone before (:func:`already_gone`);
+    returns the chain (empty: nothing to watch, no thread)."""
     chain = launcher_chain()
+    lost = already_gone(psutil.Process(), chain, dict(os.environ))
+    if lost:
+        print(f"{label}: {lost} is gone: stopping this rank", file=sys.stderr, flush=True)
+        os._exit(1)
     if not chain:
         return chain
     names = {p.pid: " ".join(p.cmdline()[:2]) for p in chain}

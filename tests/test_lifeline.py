@@ -61,6 +61,24 @@ def test_no_launcher_means_no_watching(tmp_path):
         orphan.kill()
 
 
+def test_an_orphaned_launch_py_means_its_runner_is_gone_unless_init_is_the_launcher(tmp_path, monkeypatch):
+    """A real process titled like launch.py and adopted by init: its runner is gone, unless init is
+    itself a launcher (a container whose entrypoint is ``deepspeed``), when it is the runner."""
+    from moge_ds import lifeline
+
+    pid_file = tmp_path / "pid"
+    subprocess.run(["bash", "-c", f"{sys.executable} -c 'import time; time.sleep(60)' -m deepspeed.launcher.launch "
+                    f"& echo $! > {pid_file}"], check=True)
+    orphan = psutil.Process(int(pid_file.read_text()))
+    try:
+        assert orphan.ppid() == 1 and is_launcher(orphan.cmdline())
+        assert lifeline.already_gone(psutil.Process(), [orphan], {}) == "the deepspeed runner that started launch.py"
+        monkeypatch.setattr(lifeline, "_init_is_a_launcher", lambda: True)
+        assert lifeline.already_gone(psutil.Process(), [orphan], {}) is None
+    finally:
+        orphan.kill()
+
+
 def start_job(launcher: str, workspace, out) -> subprocess.Popen:
     args = tiny_train_args(workspace, out, steps=100000)
     port = str(free_port())
@@ -131,3 +149,36 @@ def alive(pid: int) -> bool:
         return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
     except psutil.NoSuchProcess:
         return False
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("launcher", ["runner", "torchrun"])
+def test_ranks_end_when_their_launcher_died_before_they_started(workspace, tmp_path, launcher):
+    """SIGKILL the deepspeed runner as soon as its launch.py exists (or torchrun as soon as its ranks
+    exist), before any rank has started watching: the ranks find launch.py (or themselves) adopted by
+    init and end at once, instead of training on unwatched."""
+    out = tmp_path / "job"
+    job = start_job(launcher, workspace, out)
+    try:
+        started = time.monotonic()
+        while not early_processes(launcher, job, out):
+            assert job.poll() is None and time.monotonic() - started < 60, "the launcher started nothing"
+            time.sleep(0.02)
+        os.kill(job.pid, signal.SIGKILL)
+        killed = time.monotonic()
+        while processes_mentioning(str(out)):
+            assert time.monotonic() - killed < 30, f"{[cmdline(p) for p in processes_mentioning(str(out))]} live on"
+            time.sleep(0.1)
+        assert not (out / "history.jsonl").is_file()
+        assert "is gone: stopping this rank" in job.communicate()[0]
+    finally:
+        for pid in processes_mentioning(str(out)):
+            os.kill(pid, signal.SIGKILL)
+        job.kill()
+
+
+def early_processes(launcher: str, job: subprocess.Popen, out) -> list[int]:
+    """launch.py under the runner, or torchrun's ranks: what exists before any rank watches."""
+    if launcher == "runner":
+        return [p for p in processes_mentioning(str(out)) if "deepspeed.launcher.launch" in cmdline(p)]
+    return [p for p in processes_mentioning(str(out)) if p != job.pid]
