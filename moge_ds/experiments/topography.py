@@ -244,7 +244,8 @@ def _plot_neighbour_curves(sweep: Sweep, point, path: Path) -> None:
     axis.set_xlabel("step")
     axis.set_ylabel("top-2 map-neighbour rate (noise-free, training batch)")
     axis.set_title(f"{sweep.name}, seed {sweep.seeds[0]}")
-    axis.legend(fontsize=7)
+    if axis.lines:  # runs without a training log (e.g. copied metrics only) leave an empty plot
+        axis.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
