@@ -80,6 +80,11 @@ class LanguageModelling(Task):
     def __init__(self, config: Config, micro_batch: int, rank: int, world: int, total_micro_batches: int,
                  device: torch.device):
         self.tokenizer = load_tokenizer(config.data.tokenizer)
+        model_vocab = self.model_vocab(config)
+        if model_vocab is not None and self.tokenizer.vocab_size > model_vocab:
+            raise DataError(f"data.tokenizer {config.data.tokenizer} has {self.tokenizer.vocab_size} tokens, more than "
+                            f"the {model_vocab} of the model: use the tokenizer the model was made for (a Hugging Face "
+                            f"model: or its config with vocab_size >= {self.tokenizer.vocab_size})")
         self.micro, self.rank, self.world, self.device = micro_batch, rank, world, device
         data = config.data
         # A held-out split is one pass over its documents, whoever evaluates it: the trainer and
@@ -95,6 +100,11 @@ class LanguageModelling(Task):
                 raise DataError(f"data.split {data.split!r} gives the {name} split no share, but the run evaluates "
                                 f"it (train.final_eval {config.train.final_eval}, train.eval_interval "
                                 f"{config.train.eval_interval}): give it a share or stop evaluating it")
+
+    @staticmethod
+    def model_vocab(config: Config) -> int | None:
+        """The model's vocabulary, if fixed already (an export's); None: it is made for the tokenizer."""
+        return config.model.vocab_size
 
     @property
     def vocab_size(self) -> int:
@@ -219,14 +229,13 @@ class HFLanguageModelling(LanguageModelling):
     """Language modelling with a Hugging Face MoE causal LM: its own loss (load balancing included)
     plus MoGE's term on its router logits; evaluated like our GPT (cross-entropy, perplexity)."""
 
+    @staticmethod
+    def model_vocab(config: Config) -> int:
+        return read_hf_config(config.model.hf_path).vocab_size
+
     def __init__(self, config: Config, micro_batch: int, rank: int, world: int, total_micro_batches: int,
                  device: torch.device):
         super().__init__(config, micro_batch, rank, world, total_micro_batches, device)
-        model_vocab = read_hf_config(config.model.hf_path).vocab_size
-        if self.tokenizer.vocab_size > model_vocab:
-            raise DataError(f"data.tokenizer {config.data.tokenizer} has {self.tokenizer.vocab_size} tokens, more than "
-                            f"the {model_vocab} of model {config.model.hf_path}: use the tokenizer the model was "
-                            f"made for, or a model config with vocab_size >= {self.tokenizer.vocab_size}")
         moe = config.moe
         self.moe = moe
         self.sigma = SigmaSchedule(moe.sigma_steps or config.train.steps, moe.sigma_max, moe.sigma_min,

@@ -128,7 +128,7 @@ def test_hf_tokenizer_feeds_the_data_pipeline(corpus, tmp_path):
     config = load_config(None, ("model.kind=hf", f"model.hf_path={tmp_path / 'small'}", "model.hf_init=random",
                                 "model.seq_length=16", f"data.prefixes=[{tmp_path / 'text'}]",
                                 f"data.tokenizer={tmp_path / 'tok'}", "data.split=80,10,10"))
-    with pytest.raises(DataError, match=f"has {tokenizer.vocab_size} tokens, more than the 96 of model"):
+    with pytest.raises(DataError, match=f"has {tokenizer.vocab_size} tokens, more than the 96 of the model"):
         HFLanguageModelling(config, 2, 0, 1, 4, torch.device("cpu"))
     small.vocab_size = 256
     small.save_pretrained(tmp_path / "model")

@@ -74,6 +74,21 @@ def test_export_evaluate_generate_analyse(workspace, gpt_run, tmp_path):
     assert sum(result["layers"][0]["fraction"]) == pytest.approx(1.0)
 
 
+def test_evaluate_refuses_a_tokenizer_larger_than_the_model(workspace, gpt_run, tmp_path):
+    """An export evaluated with a tokenizer of more tokens than its embedding (vocab 300) is refused
+    by name, before any data is read, instead of an index error deep in the forward pass."""
+    from moge_ds.data.documents import DataError, SourceSpec
+    from moge_ds.data.tokenizer import train_tokenizer
+    from moge_ds.evaluate import evaluate
+    from moge_ds.export import export
+
+    spec = SourceSpec((str(workspace / "corpus" / "*.txt"), ))
+    big = train_tokenizer(spec, str(tmp_path / "big"), vocab_size=304, input_sentence_size=0)
+    export_dir = export(gpt_run[0] / "checkpoints", tmp_path / "export")
+    with pytest.raises(DataError, match=f"{big.path} has 304 tokens, more than the 300 of the model"):
+        evaluate(export_dir, "test", (f"data.tokenizer={big.path}",))
+
+
 def test_export_refuses_bad_input(workspace, gpt_run, tmp_path):
     from moge_ds.checkpoint import CheckpointError
     from moge_ds.export import export
