@@ -12,6 +12,7 @@ model's by transformers' own conversion rules, applied to the experts a rank nee
 from __future__ import annotations
 
 import json
+import sys
 from contextlib import contextmanager
 from copy import deepcopy
 from pathlib import Path
@@ -172,7 +173,7 @@ class CheckpointReader:
         be cut into rows (it is made whole anyway), else as many as ``ROWS_READ_NUMEL`` elements allow."""
         keys, converter = self.plan[name]
         if converter is not None and not _keeps_rows(converter):
-            return 2**62
+            return sys.maxsize
         return max(1, ROWS_READ_NUMEL // row_numel)
 
     def rows(self, name: str, start: int, stop: int) -> torch.Tensor:
@@ -186,7 +187,7 @@ class CheckpointReader:
             return self.tensor(name)[start:stop]
         from transformers.core_model_loading import MergeModulelist
 
-        if isinstance(converter.operations[0], MergeModulelist):  # one key per expert, experts in order
+        if converter.operations and isinstance(converter.operations[0], MergeModulelist):  # a key per expert, in order
             per_pattern: dict[str, list[str]] = {}
             for key, pattern in keys:
                 per_pattern.setdefault(pattern, []).append(key)
