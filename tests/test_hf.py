@@ -1,5 +1,7 @@
 """MoGE's term from a Hugging Face MoE model's router logits, against HF's own loss and a float64 reference."""
 
+import json
+
 import pytest
 import torch
 from transformers import MixtralConfig, MixtralForCausalLM, Qwen3MoeConfig, Qwen3MoeForCausalLM
@@ -226,6 +228,21 @@ def test_partitioned_loading_builds_in_the_training_dtype(tmp_path, monkeypatch,
     for name, tensor in gathered(model).items():
         assert tensor.dtype == torch.bfloat16, name
         assert torch.equal(tensor, source.state_dict()[name].to(torch.bfloat16)), name
+
+
+@pytest.mark.parametrize("change", ["vocab_size", "num_local_experts"])
+def test_partitioned_loading_refuses_weights_of_another_shape(change, tmp_path, monkeypatch, process_group):
+    """A checkpoint of the same family whose vocabulary (a copied tensor) or expert count (a tensor
+    merged from one key per expert) differs from its config.json is refused, not read in part."""
+    from moge_ds.hf.families import HFModelError
+
+    source = tiny_model("mixtral")
+    source.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    config[change] -= 4  # fewer than the weights hold: reading the first rows would succeed silently
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(HFModelError, match="not a checkpoint of this model"):
+        partitioned(tmp_path, monkeypatch)
 
 
 def test_partitioned_loading_refuses_another_models_checkpoint(tmp_path, monkeypatch, process_group):

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import sys
+from collections import Counter
 from contextlib import contextmanager
 from copy import deepcopy
 from pathlib import Path
@@ -112,6 +113,7 @@ def _fill_partition(param: torch.nn.Parameter, name: str, reader: CheckpointRead
     import torch.distributed as dist
     from deepspeed.runtime.zero.partition_parameters import PartitionedParamStatus
 
+    reader.check_shape(name, tuple(param.ds_shape))  # on every rank, whatever its partition covers
     part = param.ds_tensor  # [P]
     if part.status != PartitionedParamStatus.AVAILABLE:
         raise HFModelError(f"{name}: its ZeRO-3 partition is not in memory (offload_param to nvme?): loading "
@@ -168,6 +170,25 @@ class CheckpointReader:
         self._converted.update({k: v for k, v in made.items() if k != name and k in self.plan})
         return made[name]
 
+    def check_shape(self, name: str, shape: tuple[int, ...]) -> None:
+        """Refuse a checkpoint tensor whose shape is not the model's ``shape`` (e.g. another vocabulary),
+        from the checkpoint's metadata: a row-wise read would otherwise take its first rows silently.
+        Tensors merged from one key per expert need one key per row; other conversions are checked
+        when made (``_fill_partition`` compares the elements per row)."""
+        from transformers.core_model_loading import MergeModulelist
+
+        keys, converter = self.plan[name]
+        if converter is None:
+            stored = self._shape(keys[0])
+            if stored != shape:
+                raise HFModelError(f"checkpoint tensor {keys[0]} has shape {stored}, the model's {name} {shape}: "
+                                   f"not a checkpoint of this model (its config.json differs from the weights')")
+        elif converter.operations and isinstance(converter.operations[0], MergeModulelist):
+            per_pattern = Counter(pattern for _, pattern in keys)
+            if any(count != shape[0] for count in per_pattern.values()):
+                raise HFModelError(f"the checkpoint has {dict(per_pattern)} keys for {name}, whose first dimension "
+                                   f"is {shape[0]}: not a checkpoint of this model (another expert count?)")
+
     def rows_per_read(self, name: str, row_numel: int) -> int:
         """How many rows of ``name`` one ``rows`` call should take: all of them where its conversion cannot
         be cut into rows (it is made whole anyway), else as many as ``ROWS_READ_NUMEL`` elements allow."""
@@ -202,6 +223,12 @@ class CheckpointReader:
         for key, pattern, read in sources:
             converter.add_tensor(name, key, pattern, read)
         return converter.convert(name, config=self.config)
+
+    def _shape(self, key: str) -> tuple[int, ...]:
+        from safetensors import safe_open
+
+        with safe_open(self.root / self.files[key], framework="pt") as f:
+            return tuple(f.get_slice(key).get_shape())
 
     def _read(self, key: str, start: int | None = None, stop: int | None = None) -> torch.Tensor:
         """Checkpoint tensor ``key``, or its rows start:stop (a 0-d tensor: whole)."""
