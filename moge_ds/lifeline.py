@@ -11,11 +11,12 @@ nearest :data:`_MAX_DEPTH` ancestors (the deepspeed runner and ``launch.py``, mp
 hydra proxy, torchrun, srun/slurmstepd, our ``launch/*.sh`` scripts). Nothing above the outermost
 launcher is watched, so ``nohup deepspeed ... &`` survives its shell's logout as users expect.
 
-A launcher can also be gone before the rank looks (killed within the second or two a rank takes to
-start): then the rank finds its orphaned remains instead, adopted by init (pid 1), and ends at
-once. Two such remains are unambiguous: ``launch.py``, which only the deepspeed runner (or pdsh's
-remote shell) starts, and a rank that torchrun started (``TORCHELASTIC_RUN_ID``) without its torchrun.
-Unless init is itself the launcher (a container whose entrypoint is ``deepspeed`` or ``torchrun``).
+The deepspeed runner can also be gone before the rank looks (killed within the second or two a rank
+takes to start): the rank then finds ``launch.py``, which the runner (or pdsh's remote shell) starts,
+adopted by init (pid 1), and ends at once; unless init is itself a launcher (a container whose
+entrypoint is ``deepspeed``). Other launchers' early deaths are not detected: a rank directly under
+init may be a torchrun rank whose torchrun died or one that ``accelerate launch`` (pid 1 of a
+container) started in-process, and only the second is common.
 """
 
 from __future__ import annotations
@@ -60,15 +61,17 @@ def launcher_chain(process: psutil.Process | None = None) -> list[psutil.Process
     return [p for p, _ in ancestors[:outermost + 1]]
 
 
-def already_gone(process: psutil.Process, chain: list[psutil.Process], env: dict) -> str | None:
-    """Which launcher of ``process`` was gone before it looked (see the module docstring), or None."""
-    top = chain[-1] if chain else process
-    if top.ppid() != 1 or _init_is_a_launcher():  # a container's entrypoint launcher is pid 1 itself
+def already_gone(chain: list[psutil.Process]) -> str | None:
+    """Which launcher was gone before this rank looked (see the module docstring), or None."""
+    if not chain:
         return None
-    if chain and "deepspeed.launcher.launch" in top.cmdline():
+    top = chain[-1]
+    try:
+        orphaned = top.ppid() == 1 and "deepspeed.launcher.launch" in top.cmdline()
+    except psutil.Error:  # launch.py itself ended meanwhile
+        return "launch.py"
+    if orphaned and not _init_is_a_launcher():  # a container's entrypoint launcher is pid 1 itself
         return "the deepspeed runner that started launch.py"
-    if not chain and "TORCHELASTIC_RUN_ID" in env:
-        return "the torchrun that started this rank"
     return None
 
 
@@ -89,7 +92,7 @@ def die_with_launcher(label: str, poll_s: float = 1.0) -> list[psutil.Process]:
     of its :func:`launcher_chain` is gone, or end it now if one was gone before (:func:`already_gone`);
     returns the chain (empty: nothing to watch, no thread)."""
     chain = launcher_chain()
-    lost = already_gone(psutil.Process(), chain, dict(os.environ))
+    lost = already_gone(chain)
     if lost:
         print(f"{label}: {lost} is gone: stopping this rank", file=sys.stderr, flush=True)
         os._exit(1)

@@ -83,8 +83,8 @@ class LanguageModelling(Task):
         model_vocab = self.model_vocab(config)
         if model_vocab is not None and self.tokenizer.vocab_size > model_vocab:
             raise DataError(f"data.tokenizer {config.data.tokenizer} has {self.tokenizer.vocab_size} tokens, more than "
-                            f"the {model_vocab} of the model: use the tokenizer the model was made for (a Hugging Face "
-                            f"model: or its config with vocab_size >= {self.tokenizer.vocab_size})")
+                            f"the {model_vocab} of the model (model.vocab_size, or a Hugging Face model's config): use "
+                            f"the tokenizer the model was made for, or a vocabulary >= {self.tokenizer.vocab_size}")
         self.micro, self.rank, self.world, self.device = micro_batch, rank, world, device
         data = config.data
         # A held-out split is one pass over its documents, whoever evaluates it: the trainer and

@@ -228,6 +228,19 @@ def test_partitioned_loading_builds_in_the_training_dtype(tmp_path, monkeypatch,
     for name, tensor in gathered(model).items():
         assert tensor.dtype == torch.bfloat16, name
         assert torch.equal(tensor, source.state_dict()[name].to(torch.bfloat16)), name
+    # The rotary frequencies stay fp32, as from_pretrained keeps them (zero.Init made them bf16).
+    assert model.model.rotary_emb.inv_freq.dtype == torch.float32
+    assert torch.equal(model.model.rotary_emb.inv_freq, source.model.rotary_emb.inv_freq)
+
+
+def test_partitioned_loading_names_a_damaged_checkpoint(tmp_path, monkeypatch, process_group):
+    from moge_ds.hf.families import HFModelError
+
+    tiny_model("mixtral").save_pretrained(tmp_path)
+    weights = tmp_path / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    with pytest.raises(HFModelError, match="header"):
+        partitioned(tmp_path, monkeypatch)
 
 
 @pytest.mark.parametrize("change", ["vocab_size", "num_local_experts"])

@@ -26,7 +26,7 @@ from moge_ds.analysis.routing import capture_routing
 from moge_ds.analysis.topography import MapGeometry, topography
 from moge_ds.config import config_from_dict, tokens_per_sample
 from moge_ds.experiments.report import paired_difference
-from moge_ds.experiments.sweep import Run, Sweep
+from moge_ds.experiments.sweep import Run, Sweep, SweepError
 from moge_ds.monitor import read_history
 from moge_ds.topographic import default_map_shape
 
@@ -92,8 +92,10 @@ def arm_summary(sweep: Sweep, point, arm: str, probe: int) -> dict | None:
             continue
         metrics = json.loads((run_dir / "metrics.json").read_text())
         topo = run_topography(run_dir, probe)
-        # A run evaluated on validation only (final_eval [valid]) has no test metric: "-" in the table.
-        seeds[seed] = {**{split: metrics.get(split, {}).get(sweep.metric, math.nan) for split in ("valid", "test")},
+        if any(sweep.metric not in metrics.get(split, {}) for split in ("valid", "test")):
+            raise SweepError(f"{run_dir / 'metrics.json'} lacks the {sweep.metric} of valid or test: a sweep's runs "
+                             f"evaluate both (train.final_eval [valid, test])")
+        seeds[seed] = {"valid": metrics["valid"][sweep.metric], "test": metrics["test"][sweep.metric],
                        "plateau_gap": plateau_gap(read_history(run_dir / "history.jsonl"), sweep.metric),
                        # runs measured before both graphs were scored lack the *_torus/*_flat keys
                        **{m: _mean([layer.get(m, math.nan) for layer in topo["layers"]]) for m in MEASURES},

@@ -57,6 +57,7 @@ def build(model: ModelConfig, seed: int, ds: dict | None = None) -> torch.nn.Mod
         pretrained = model.hf_init == "pretrained"
         with partitioned_building(ds, initialise=not pretrained):
             net = AutoModelForCausalLM.from_config(read_config(model.hf_path), dtype=dtype)
+        rotary_buffers_in_fp32(net)
         if pretrained:
             load_partitioned(net, model.hf_path)
         return net
@@ -85,18 +86,57 @@ def partitioned_building(ds: dict, initialise: bool = True):
         hf_deepspeed.unset_hf_deepspeed_config()
 
 
+@torch.no_grad()
+def rotary_buffers_in_fp32(model: torch.nn.Module) -> None:
+    """Recompute the rotary frequencies in fp32, by transformers' own initialisation. ``zero.Init`` makes
+    every floating tensor created while building in the training dtype, these buffers included, and in
+    bf16 the frequencies are off by up to 0.4%: tens of radians of RoPE angle at 32k positions.
+    ``from_pretrained`` and DeepSpeed's engine keep them fp32. Buffers are whole on every rank."""
+    for module in model.modules():
+        if "RotaryEmbedding" in type(module).__name__ and hasattr(module, "original_inv_freq"):
+            module.inv_freq = module.inv_freq.float()
+            module.original_inv_freq = module.original_inv_freq.float()
+            model._init_weights(module)
+
+
 def load_partitioned(model: torch.nn.Module, path: str) -> None:
     """Fill a ZeRO-3-partitioned ``model`` with the safetensors weights under ``path``: every rank reads,
     from the memory-mapped checkpoint, only the rows of each parameter that its own partition covers,
     and copies them in. No gather, no broadcast: a rank's peak above its partitions is one block of
     rows (``ROWS_READ_NUMEL``), or one whole parameter where a layout conversion cannot be cut into
-    rows. Every rank checks the checkpoint covers the model before reading."""
-    reader = CheckpointReader(path, model)
-    for name, param in model.named_parameters():  # a tied weight (lm_head = embed_tokens) once, first name
-        _fill_partition(param, name, reader)
-    for name, buffer in model.named_buffers():
-        if reader.has(name):  # buffers are whole on every rank (they are small)
-            buffer.copy_(reader.tensor(name))
+    rows. Every rank checks the checkpoint covers the model before reading, and all raise together
+    if any failed (one all-reduce at the end)."""
+    from safetensors import SafetensorError
+
+    failure = None
+    try:
+        reader = CheckpointReader(path, model)
+        for name, param in model.named_parameters():  # a tied weight (lm_head = embed_tokens) once
+            _fill_partition(param, name, reader)
+        for name, buffer in model.named_buffers():
+            if reader.has(name):  # buffers are whole on every rank (they are small)
+                buffer.copy_(reader.tensor(name))
+    except (HFModelError, OSError, SafetensorError) as err:  # e.g. a shard only this rank reads is damaged
+        failure = err
+    _raise_together(failure)
+
+
+def _raise_together(failure: Exception | None) -> None:
+    """Raise on every rank if loading failed on any: a rank that failed alone would leave the others
+    waiting in ``deepspeed.initialize`` until the collective timeout. A failure only some ranks met
+    (a shard only they read) is reported by those ranks; one all met, once by rank 0."""
+    import torch.distributed as dist
+
+    from moge_ds.distributed import collective_device
+
+    failed = torch.tensor([float(failure is not None)], device=collective_device())
+    dist.all_reduce(failed)
+    if not failed.item():
+        return
+    error = HFModelError(str(failure) if failure else "another rank could not read its part of the checkpoint: "
+                         "its error is above (a damaged or missing shard?)")
+    error.rank_specific = failure is not None and failed.item() < dist.get_world_size()
+    raise error from failure
 
 
 # Elements read at once when a rank fills its partition (4 MiB of fp32): bounds the transient of a large
@@ -107,9 +147,9 @@ ROWS_READ_NUMEL = 2**20
 @torch.no_grad()
 def _fill_partition(param: torch.nn.Parameter, name: str, reader: CheckpointReader) -> None:
     """Copy this rank's ZeRO-3 partition of ``param`` from the checkpoint. The partition holds the flat
-    elements [rank * P, (rank + 1) * P) of the whole parameter, zero-padded past its end on the last
-    rank (as DeepSpeed's ``_partition_param`` cuts it), so only the rows (first dimension) covering that
-    range are read."""
+    elements [rank * P, (rank + 1) * P) of the whole parameter, padded past its end on the last rank
+    (as DeepSpeed's ``_partition_param`` cuts it; the padding is never read), so only the rows (first
+    dimension) covering that range are read."""
     import torch.distributed as dist
     from deepspeed.runtime.zero.partition_parameters import PartitionedParamStatus
 
@@ -148,7 +188,6 @@ class CheckpointReader:
         self.config = model.config
         self.files = _safetensors_files(self.root)
         self.plan = _conversion_plan(model, sorted(self.files))
-        self._converted: dict[str, torch.Tensor] = {}  # made alongside a requested tensor, not yet taken
         wanted = {name for name, _ in model.named_parameters()}
         missing = sorted(wanted - set(self.plan))
         if missing:
@@ -160,15 +199,11 @@ class CheckpointReader:
 
     def tensor(self, name: str) -> torch.Tensor:
         """The whole tensor ``name``."""
-        if name in self._converted:
-            return self._converted.pop(name)
         keys, converter = self.plan[name]
         if converter is None:
             return self._read(keys[0])
         sources = [(key, pattern, lambda key=key: self._read(key)) for key, pattern in keys]
-        made = self._convert(name, converter, sources)
-        self._converted.update({k: v for k, v in made.items() if k != name and k in self.plan})
-        return made[name]
+        return self._convert(name, converter, sources)
 
     def check_shape(self, name: str, shape: tuple[int, ...]) -> None:
         """Refuse a checkpoint tensor whose shape is not the model's ``shape`` (e.g. another vocabulary),
@@ -216,13 +251,16 @@ class CheckpointReader:
                        for pattern, pattern_keys in per_pattern.items() for key in pattern_keys[start:stop]]
         else:
             sources = [(key, pattern, lambda key=key: self._read(key, start, stop)) for key, pattern in keys]
-        return self._convert(name, converter, sources)[name]
+        return self._convert(name, converter, sources)
 
-    def _convert(self, name: str, converter, sources: list) -> dict[str, torch.Tensor]:
+    def _convert(self, name: str, converter, sources: list) -> torch.Tensor:
+        """Tensor ``name`` made by ``converter`` from ``sources`` ((key, pattern, read) each). A converter
+        that makes several tensors from one key (a fused qkv) maps its keys to the first only, so such
+        a model is refused as lacking weights."""
         converter = deepcopy(converter)
         for key, pattern, read in sources:
             converter.add_tensor(name, key, pattern, read)
-        return converter.convert(name, config=self.config)
+        return converter.convert(name, config=self.config)[name]
 
     def _shape(self, key: str) -> tuple[int, ...]:
         from safetensors import safe_open
@@ -252,8 +290,10 @@ def _keeps_rows(converter) -> bool:
         if ops[0].dim != 0:
             return False
         ops = ops[1:]
-    return all((isinstance(op, Concatenate) and op.dim != 0)
-               or (isinstance(op, Transpose) and 0 not in (op.dim0, op.dim1)) for op in ops)
+    # Positive dimensions only: a negative one may be dim 0 of a low-rank tensor. A Transpose that
+    # checks dimensions decides from the whole tensor's shape.
+    return all((isinstance(op, Concatenate) and op.dim > 0)
+               or (isinstance(op, Transpose) and min(op.dim0, op.dim1) > 0 and not op.check_dims) for op in ops)
 
 
 def _safetensors_files(root: Path) -> dict[str, str]:
