@@ -184,3 +184,16 @@ def test_hf_bin_weights_are_refused_under_zero3_only(tmp_path):
     with pytest.raises(ConfigError, match=r"holds .bin weights, but under ZeRO-3 .* safetensors only .* convert them"):
         validate(config, autoep_ds(), 2)
     validate(config, load_ds_config(str(REPO / "ds_configs/autoep_zero2_cpu.json")), 2)
+
+
+def test_hf_quantized_checkpoints_are_refused(tmp_path):
+    """An FP8 checkpoint (DeepSeek-V3's official weights carry weight_scale_inv) would be loaded without its
+    scales: refused at start-up, naming the method."""
+    import json
+
+    config_json = json.loads((REPO / "configs/hf/deepseek_v3_tiny/config.json").read_text())
+    config_json["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3", "weight_block_size": [128, 128]}
+    (tmp_path / "config.json").write_text(json.dumps(config_json))
+    config = load_config(str(REPO / "configs/mixtral_tiny.yaml"), (f"model.hf_path={tmp_path}", ))
+    with pytest.raises(ConfigError, match=r"is a quantized checkpoint \(quantization_config, method 'fp8'\)"):
+        validate(config, autoep_ds(), 2)

@@ -80,6 +80,13 @@ def _check_model_directory(config: Config, hf_config, zero_stage: int) -> None:
     """The weights a "pretrained" run loads exist (safetensors under ZeRO-3, which loads them partitioned);
     the sequence fits the model's positions."""
     model = config.model
+    quantization = getattr(hf_config, "quantization_config", None)
+    if quantization:
+        fields = quantization if isinstance(quantization, dict) else vars(quantization)
+        method = fields.get("quant_method", "?")
+        raise HFModelError(f"{model.hf_path} is a quantized checkpoint (quantization_config, method {method!r}): its "
+                           f"weights come with scales that training and partitioned loading do not apply; give a "
+                           f"bf16 or fp32 copy (e.g. dequantized once with transformers and save_pretrained)")
     if model.hf_init == "pretrained" and not has_weights(model.hf_path):
         raise HFModelError(f"model.hf_init is 'pretrained' but {model.hf_path} holds no weights (none of "
                            f"{list(WEIGHT_FILES)}): add them, or set model.hf_init=random to pre-train")
